@@ -1,0 +1,1 @@
+"""The on-disk synthetic sample cache: manifest, shards, columnar index, crop store."""

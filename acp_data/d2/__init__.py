@@ -1,0 +1,1 @@
+"""detectron2 integration: config keys, datasets, sampler, mapper, loader, evaluation."""

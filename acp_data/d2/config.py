@@ -1,0 +1,149 @@
+"""``add_acp_config(cfg)`` adds every ``ACP.*`` key of design.md with its default; ``validate_acp_config(cfg)`` rejects
+bad values with a message naming the key and the value, before any data or model is built."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from detectron2.config import CfgNode as CN
+
+MIX_MODES = ("ratio", "concat", "paste", "ratio+paste")
+SELECTORS = ("clis", "random", "first", "all")
+BOX_MODES = ("mask", "layout")
+SAMPLING_POLICIES = ("uniform", "class_balanced")
+MASK_FORMATS = ("polygon", "bitmask")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key and the value."""
+
+
+def add_acp_config(cfg: CN) -> CN:
+    """Add the ``ACP`` node (in place) and return ``cfg``. Defaults: ACP off, the paper's recipe when switched on."""
+    _C = cfg
+    _C.ACP = CN()
+    # Off: plain detectron2 training; nothing below is read.
+    _C.ACP.ENABLED = False
+    # Caches written by `acp-data prebuild` (a list of directories).
+    _C.ACP.CACHE_DIRS = []
+    # Concepts whose synthetic instances are used: "rare", "rare+common", "all", comma-separated names, or "@FILE".
+    _C.ACP.CATEGORIES = "rare"
+    # Priors file from `acp-data priors build` (paste scale; CLIS-L when rescoring). Empty: none.
+    _C.ACP.PRIORS = ""
+    # Which candidates of a work unit are used: "clis" (the stored `selected` flag), "random" (one seeded random
+    # candidate per unit), "first", "all".
+    _C.ACP.SELECT = "clis"
+    # Instances with CLIS-I below this are dropped at load time (0-100; 60 is the paper's threshold for both the
+    # `clip` and `vlm` scorers, whose scores are calibrated so 60 means "clearly this category"). 0 = keep all.
+    # Unscored instances/images pass only a threshold of 0.
+    _C.ACP.MIN_CLIS_I = 60.0
+    # Images with CLIS-L below this are dropped at load time (0-100; 50 in the paper's multimodal setting). 0 = off.
+    _C.ACP.MIN_CLIS_L = 0.0
+    # Cap on synthetic images used (0 = all), chosen deterministically from SEED.
+    _C.ACP.MAX_IMAGES = 0
+    # Instance boxes: "mask" (tight box of the final mask) or "layout" (the planner's box).
+    _C.ACP.BOX = "mask"
+    # "concat" (paper: append to the real set, repeat-factor sampling over the union), "ratio" (a fixed fraction of
+    # the global image stream), "paste" (instances pasted onto real images), "ratio+paste".
+    _C.ACP.MIX_MODE = "concat"
+    # ratio modes: fraction of the global image stream that is synthetic.
+    _C.ACP.SYNTH_RATIO = 0.5
+    # ratio modes: "uniform" over synthetic images or "class_balanced" over the categories they contain.
+    _C.ACP.SYNTH_SAMPLING = "uniform"
+    _C.ACP.PASTE = CN()
+    # Probability that an image gets pasted instances.
+    _C.ACP.PASTE.PROB = 0.5
+    # At most this many cut-outs per image (uniform in 1..MAX_INSTANCES).
+    _C.ACP.PASTE.MAX_INSTANCES = 10
+    # Target size from the priors' per-category sqrt(box area / image area) statistics (needs ACP.PRIORS).
+    _C.ACP.PASTE.SCALE_FROM_PRIORS = True
+    # Otherwise sqrt(area fraction) uniform in this range.
+    _C.ACP.PASTE.SCALE_RANGE = (0.1, 0.5)
+    # Aspect ratio of a pasted cut-out is scaled by a factor uniform in [1 - ASPECT_JITTER, 1 + ASPECT_JITTER].
+    _C.ACP.PASTE.ASPECT_JITTER = 0.2
+    # An occluded annotation is dropped when less than this fraction of its mask, or fewer pixels, remain visible.
+    _C.ACP.PASTE.MIN_VISIBLE_FRAC = 0.25
+    _C.ACP.PASTE.MIN_VISIBLE_PIXELS = 32
+    # Pick up shards closed by a running prebuild every ONLINE_REFRESH_ITERS iterations.
+    _C.ACP.ONLINE = False
+    _C.ACP.ONLINE_REFRESH_ITERS = 500
+    # LVIS-format datasets to register before training: a list of [name, json_file, image_root]; relative paths are
+    # resolved under $DETECTRON2_DATASETS (default "datasets"). Names must not contain "v1", "v0.5" or "cocofied".
+    _C.ACP.REGISTER_LVIS = []
+    return cfg
+
+
+def _fail(key: str, value: Any, why: str) -> None:
+    raise ConfigError(f"config key {key} = {value!r}: {why}")
+
+
+def _in_range(key: str, value: Any, lo: float, hi: float) -> None:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        _fail(key, value, "must be a number")
+    if not lo <= v <= hi:
+        _fail(key, value, f"must be in [{lo}, {hi}]")
+
+
+def validate_acp_config(cfg: CN) -> None:
+    """Raise ``ConfigError`` for the first bad ``ACP.*`` (or ``SEED``) value; cheap, touches no files."""
+    a = cfg.ACP
+    for name in a.REGISTER_LVIS:
+        if not (isinstance(name, (list, tuple)) and len(name) == 3 and all(isinstance(x, str) for x in name)):
+            _fail("ACP.REGISTER_LVIS", name, "each entry must be [name, json_file, image_root]")
+        low = name[0].lower()
+        if any(s in low for s in ("v1", "v0.5", "cocofied")):
+            _fail("ACP.REGISTER_LVIS", name[0], "dataset names containing 'v1', 'v0.5' or 'cocofied' are taken over "
+                  "by detectron2's built-in LVIS metadata; choose another name")
+    mask_format = getattr(cfg.INPUT, "MASK_FORMAT", "polygon")
+    if mask_format not in MASK_FORMATS:
+        _fail("INPUT.MASK_FORMAT", mask_format, f"must be one of {', '.join(MASK_FORMATS)}")
+    if not a.ENABLED:
+        return
+    if cfg.SEED is None or int(cfg.SEED) < 0:
+        _fail("SEED", cfg.SEED, "ACP derives every sampling choice from (SEED, sample index); set a fixed SEED >= 0 "
+              "(-1 would give a different stream per run)")
+    if a.MIX_MODE not in MIX_MODES:
+        _fail("ACP.MIX_MODE", a.MIX_MODE, f"must be one of {', '.join(MIX_MODES)}")
+    if a.SELECT not in SELECTORS:
+        _fail("ACP.SELECT", a.SELECT, f"must be one of {', '.join(SELECTORS)}")
+    if a.BOX not in BOX_MODES:
+        _fail("ACP.BOX", a.BOX, f"must be one of {', '.join(BOX_MODES)}")
+    if a.SYNTH_SAMPLING not in SAMPLING_POLICIES:
+        _fail("ACP.SYNTH_SAMPLING", a.SYNTH_SAMPLING, f"must be one of {', '.join(SAMPLING_POLICIES)}")
+    _in_range("ACP.SYNTH_RATIO", a.SYNTH_RATIO, 0.0, 1.0)
+    _in_range("ACP.MIN_CLIS_I", a.MIN_CLIS_I, 0.0, 100.0)
+    _in_range("ACP.MIN_CLIS_L", a.MIN_CLIS_L, 0.0, 100.0)
+    if not isinstance(a.MAX_IMAGES, int) or a.MAX_IMAGES < 0:
+        _fail("ACP.MAX_IMAGES", a.MAX_IMAGES, "must be an integer >= 0 (0 = all)")
+    if not isinstance(a.CATEGORIES, str) or not a.CATEGORIES.strip():
+        _fail("ACP.CATEGORIES", a.CATEGORIES, "must be 'rare', 'rare+common', 'all', comma-separated names or @FILE")
+    if not isinstance(a.CACHE_DIRS, (list, tuple)) or not a.CACHE_DIRS:
+        _fail("ACP.CACHE_DIRS", a.CACHE_DIRS, "is empty while ACP.ENABLED is on; build a cache with "
+              "`acp-data prebuild --config FILE --out CACHE` and list it here")
+    if not isinstance(a.ONLINE_REFRESH_ITERS, int) or a.ONLINE_REFRESH_ITERS <= 0:
+        _fail("ACP.ONLINE_REFRESH_ITERS", a.ONLINE_REFRESH_ITERS, "must be a positive integer")
+    p = a.PASTE
+    if "paste" in a.MIX_MODE:
+        _in_range("ACP.PASTE.PROB", p.PROB, 0.0, 1.0)
+        if not isinstance(p.MAX_INSTANCES, int) or p.MAX_INSTANCES < 1:
+            _fail("ACP.PASTE.MAX_INSTANCES", p.MAX_INSTANCES, "must be an integer >= 1")
+        sr = tuple(p.SCALE_RANGE)
+        if len(sr) != 2 or not (0.0 < float(sr[0]) <= float(sr[1]) <= 1.0):
+            _fail("ACP.PASTE.SCALE_RANGE", p.SCALE_RANGE, "must be (lo, hi) with 0 < lo <= hi <= 1 "
+                  "(sqrt of the fraction of the image area)")
+        _in_range("ACP.PASTE.ASPECT_JITTER", p.ASPECT_JITTER, 0.0, 0.99)
+        _in_range("ACP.PASTE.MIN_VISIBLE_FRAC", p.MIN_VISIBLE_FRAC, 0.0, 1.0)
+        if not isinstance(p.MIN_VISIBLE_PIXELS, int) or p.MIN_VISIBLE_PIXELS < 0:
+            _fail("ACP.PASTE.MIN_VISIBLE_PIXELS", p.MIN_VISIBLE_PIXELS, "must be an integer >= 0")
+        if p.SCALE_FROM_PRIORS and not a.PRIORS:
+            _fail("ACP.PASTE.SCALE_FROM_PRIORS", True, "needs ACP.PRIORS (a priors file from `acp-data priors "
+                  "build`); set ACP.PRIORS or turn SCALE_FROM_PRIORS off to use SCALE_RANGE")
+
+
+def get_acp_cfg() -> CN:
+    """detectron2's default config with the ACP node added."""
+    from detectron2.config import get_cfg
+
+    return add_acp_config(get_cfg())

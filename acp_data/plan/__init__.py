@@ -1,0 +1,1 @@
+"""Scene planners (``prior``, ``hf``, ``openai``): work unit -> SceneGraph. Registered in ``acp_data.registry``."""

@@ -1,0 +1,1 @@
+"""Box-prompted segmenters (``sam``). Registered in ``acp_data.registry``."""
