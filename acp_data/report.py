@@ -1,0 +1,295 @@
+"""Compare training runs: ``acp-data report RUN_DIR... --out DIR``.
+
+Each run directory holds ``metrics.json`` (the evaluation contract of design.md) and the ``config.yaml`` detectron2
+writes. Runs whose configs differ only by ``SEED`` / ``OUTPUT_DIR`` form one group and are reported as mean +- std
+(sample std, n-1). Outputs: ``report.md``, ``report.csv`` (one row per run), ``groups.csv`` and PNG plots:
+per-group AP (APr/APc/APf) per run group, and APr against the synthetic ratio or image count when groups sweep it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("segm", "bbox")
+METRICS = ("AP", "APr", "APc", "APf")
+# Config keys ignored when deciding whether two runs differ "only by seed".
+_SEED_KEYS = ("SEED", "OUTPUT_DIR")
+
+
+class ReportError(ValueError):
+    pass
+
+
+@dataclass
+class Run:
+    path: Path
+    name: str
+    metrics: dict[str, Any]
+    config: dict[str, Any]
+    label: str = ""
+
+    @property
+    def seed(self) -> Any:
+        return self.config.get("SEED")
+
+    def value(self, task: str, metric: str) -> float | None:
+        v = (self.metrics.get(task) or {}).get(metric)
+        return None if v is None else float(v)
+
+
+@dataclass
+class Group:
+    label: str
+    runs: list[Run] = field(default_factory=list)
+    varying: dict[str, Any] = field(default_factory=dict)
+
+    def stats(self, task: str, metric: str) -> tuple[float | None, float | None, int]:
+        vals = [v for r in self.runs if (v := r.value(task, metric)) is not None]
+        if not vals:
+            return None, None, 0
+        mean = sum(vals) / len(vals)
+        std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+        return mean, std, len(vals)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def load_run(path: str | os.PathLike) -> Run:
+    """Read one run directory (``metrics.json`` required; ``config.yaml`` optional but needed for grouping)."""
+    import yaml
+
+    p = Path(path)
+    mfile = p / "metrics.json"
+    if not mfile.is_file():
+        raise ReportError(f"{p}: no metrics.json (run `tools/train_net.py --eval-only` or `acp-data eval` first)")
+    try:
+        metrics = json.loads(mfile.read_text())
+    except json.JSONDecodeError as e:
+        raise ReportError(f"{mfile}: not valid JSON: {e}") from e
+    config: dict[str, Any] = {}
+    cfile = p / "config.yaml"
+    if cfile.is_file():
+        config = _flatten(yaml.safe_load(cfile.read_text()) or {})
+    return Run(path=p, name=p.name, metrics=metrics, config=config)
+
+
+def group_runs(runs: Sequence[Run]) -> list[Group]:
+    """Group runs whose configs are equal except for the seed and output dir; label groups by what varies."""
+    groups: dict[tuple, Group] = {}
+    for r in runs:
+        key = tuple(sorted((k, repr(v)) for k, v in r.config.items() if k not in _SEED_KEYS))
+        if not r.config:  # no config: each run is its own group
+            key = (("__path__", str(r.path)),)
+        groups.setdefault(key, Group(label="")).runs.append(r)
+    out = list(groups.values())
+    all_keys = set().union(*(set(g.runs[0].config) for g in out)) - set(_SEED_KEYS)
+    varying = sorted(k for k in all_keys if len({repr(g.runs[0].config.get(k)) for g in out}) > 1)
+    for g in out:
+        g.varying = {k: g.runs[0].config.get(k) for k in varying}
+        interesting = {k: v for k, v in g.varying.items() if k.startswith("ACP.") or k.startswith("SOLVER.MAX_ITER")}
+        if len(out) == 1:
+            g.label = g.runs[0].name.rsplit("_seed", 1)[0]
+        else:
+            g.label = _common_prefix_label([r.name for r in g.runs]) or ", ".join(
+                f"{k.split('.')[-1]}={v}" for k, v in interesting.items()
+            )
+    return out
+
+
+def _common_prefix_label(names: list[str]) -> str:
+    stems = {n.rsplit("_seed", 1)[0] for n in names}
+    return stems.pop() if len(stems) == 1 else ""
+
+
+def check_mask_formats(runs: Sequence[Run]) -> str | None:
+    """Baseline and ACP runs of one comparison must use one mask format; returns it (None if unknown)."""
+    formats = {r.config.get("INPUT.MASK_FORMAT") for r in runs if r.config}
+    formats.discard(None)
+    if len(formats) > 1:
+        detail = ", ".join(f"{r.name}: {r.config.get('INPUT.MASK_FORMAT')}" for r in runs)
+        raise ReportError(f"runs use different INPUT.MASK_FORMAT values ({detail}); compare runs trained alike")
+    return formats.pop() if formats else None
+
+
+def _fmt(mean: float | None, std: float | None, n: int) -> str:
+    if mean is None:
+        return "n/a"
+    return f"{mean:.1f} ± {std:.1f}" if n > 1 else f"{mean:.1f}"
+
+
+def write_tables(groups: Sequence[Group], out: Path) -> tuple[Path, Path, Path]:
+    runs = [r for g in groups for r in g.runs]
+    header = ["run", "group", "seed"] + [f"{t}_{m}" for t in TASKS for m in METRICS]
+    run_csv = out / "report.csv"
+    with open(run_csv, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for g in groups:
+            for r in g.runs:
+                w.writerow([r.name, g.label, r.seed] + [
+                    "" if (v := r.value(t, m)) is None else f"{v:.4f}" for t in TASKS for m in METRICS])
+    group_csv = out / "groups.csv"
+    with open(group_csv, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["group", "n"] + [f"{t}_{m}_{s}" for t in TASKS for m in METRICS for s in ("mean", "std")])
+        for g in groups:
+            row: list[Any] = [g.label, len(g.runs)]
+            for t in TASKS:
+                for m in METRICS:
+                    mean, std, _ = g.stats(t, m)
+                    row += ["" if mean is None else f"{mean:.4f}", "" if std is None else f"{std:.4f}"]
+            w.writerow(row)
+    md = out / "report.md"
+    lines = [f"# Run comparison ({len(runs)} runs, {len(groups)} groups)", ""]
+    fmt = check_mask_formats(runs)
+    if fmt:
+        lines += [f"Mask format of all runs: `{fmt}`.", ""]
+    for t in TASKS:
+        title = "mask" if t == "segm" else "box"
+        lines += [f"## {title} AP ({t}), mean ± std over seeds", "",
+                  "| group | n | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
+        for g in groups:
+            cells = [_fmt(*g.stats(t, m)) for m in METRICS]
+            lines.append(f"| {g.label} | {len(g.runs)} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["## Runs", "", "| run | group | seed | " + " | ".join(f"{m} (segm)" for m in METRICS) + " |",
+              "|---|---|---|" + "---|" * len(METRICS)]
+    for g in groups:
+        for r in g.runs:
+            cells = ["n/a" if (v := r.value("segm", m)) is None else f"{v:.1f}" for m in METRICS]
+            lines.append(f"| {r.name} | {g.label} | {r.seed} | " + " | ".join(cells) + " |")
+    md.write_text("\n".join(lines) + "\n")
+    return md, run_csv, group_csv
+
+
+def _sweep_axis(groups: Sequence[Group]) -> tuple[str, list[tuple[float, Group]]] | None:
+    for key in ("ACP.SYNTH_RATIO", "ACP.MAX_IMAGES"):
+        pts = []
+        for g in groups:
+            if not g.runs[0].config.get("ACP.ENABLED"):
+                continue
+            v = g.varying.get(key)
+            if isinstance(v, (int, float)):
+                pts.append((float(v), g))
+        if len({p[0] for p in pts}) >= 2:
+            return key, sorted(pts, key=lambda p: p[0])
+    return None
+
+
+def write_plots(groups: Sequence[Group], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for t in TASKS:
+        fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(groups) + 2), 4.2))
+        width = 0.8 / len(METRICS)
+        top = 0.0
+        for j, m in enumerate(METRICS):
+            means, stds = [], []
+            for g in groups:
+                mean, std, _ = g.stats(t, m)
+                means.append(0.0 if mean is None else mean)
+                stds.append(0.0 if std is None else std)
+            xs = [i + (j - (len(METRICS) - 1) / 2) * width for i in range(len(groups))]
+            top = max([top, *(a + b for a, b in zip(means, stds))])
+            bars = ax.bar(xs, means, width, yerr=stds, capsize=3, label=m)
+            ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels([g.label for g in groups], rotation=15, ha="right", fontsize=8)
+        ax.set_ylabel(f"{'mask' if t == 'segm' else 'box'} AP (%)")
+        ax.set_title(f"AP by frequency group ({t}; mean ± std over seeds)")
+        ax.set_ylim(0, max(top, 1.0) * 1.25)  # head room for the legend and bar labels
+        ax.legend(ncol=4, fontsize=8, loc="upper left")
+        ax.grid(axis="y", alpha=0.3)
+        fig.tight_layout()
+        p = out / f"ap_groups_{t}.png"
+        fig.savefig(p, dpi=120)
+        plt.close(fig)
+        paths.append(p)
+    sweep = _sweep_axis(groups)
+    if sweep:
+        key, pts = sweep
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for m in ("APr", "AP"):
+            ms = [g.stats("segm", m) for _, g in pts]
+            ax.errorbar([x for x, _ in pts], [s[0] or 0.0 for s in ms], yerr=[s[1] or 0.0 for s in ms],
+                        marker="o", capsize=3, label=f"{m} (segm)")
+        base = [g for g in groups if not g.runs[0].config.get("ACP.ENABLED")]
+        if base:
+            mean, _, _ = base[0].stats("segm", "APr")
+            if mean is not None:
+                ax.axhline(mean, color="gray", ls="--", label="APr baseline")
+        ax.set_xlabel(key)
+        ax.set_ylabel("mask AP (%)")
+        ax.set_title(f"APr against {key}")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        p = out / "apr_sweep.png"
+        fig.savefig(p, dpi=120)
+        plt.close(fig)
+        paths.append(p)
+    return paths
+
+
+def make_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
+                labels: dict[str, str] | None = None) -> dict[str, Any]:
+    """Load runs, group them, write tables and plots into ``out_dir``; return the group statistics."""
+    if not run_dirs:
+        raise ReportError("no run directories given")
+    runs = [load_run(d) for d in run_dirs]
+    groups = group_runs(runs)
+    for g in groups:
+        if labels:
+            for r in g.runs:
+                if r.name in labels:
+                    g.label = labels[r.name]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md, run_csv, group_csv = write_tables(groups, out)
+    plots = write_plots(groups, out)
+    summary = {
+        g.label: {f"{t}_{m}": dict(zip(("mean", "std", "n"), g.stats(t, m))) for t in TASKS for m in METRICS}
+        for g in groups
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    logger.info("wrote %s, %s, %s and %d plots", md, run_csv, group_csv, len(plots))
+    return summary
+
+
+def cli_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="acp-data report", description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="+", help="run directories (each with metrics.json and config.yaml)")
+    ap.add_argument("--out", required=True, help="output directory for report.md, CSVs and PNG plots")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        make_report(args.runs, args.out)
+    except ReportError as e:
+        print(f"acp-data report: error: {e}")
+        return 2
+    print((Path(args.out) / "report.md").read_text())
+    return 0

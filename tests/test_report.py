@@ -1,0 +1,61 @@
+"""acp-data report: grouping by seed, mean +- std, tables, plots and the mask-format check."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from acp_data.report import ReportError, make_report
+
+
+def _run(root: Path, name: str, seed: int, enabled: bool, apr: float, ratio: float = 0.5, fmt: str = "polygon") -> Path:
+    d = root / name
+    d.mkdir(parents=True)
+    seg = {"AP": 20.0 + seed, "AP50": 1.0, "AP75": 1.0, "APs": None, "APm": 1.0, "APl": 1.0,
+           "APr": apr, "APc": 15.0, "APf": 30.0}
+    (d / "metrics.json").write_text(json.dumps({"bbox": seg, "segm": seg, "dataset": "x", "iter": 10,
+                                                "config_sha": "abc"}))
+    cfg = {"SEED": seed, "OUTPUT_DIR": str(d), "INPUT": {"MASK_FORMAT": fmt},
+           "ACP": {"ENABLED": enabled, "SYNTH_RATIO": ratio}}
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return d
+
+
+def test_groups_mean_std_tables_and_plots(tmp_path: Path) -> None:
+    runs = [
+        _run(tmp_path, "baseline_seed0", 0, False, 1.0),
+        _run(tmp_path, "baseline_seed1", 1, False, 3.0),
+        _run(tmp_path, "acp_r0.25_seed0", 0, True, 10.0, ratio=0.25),
+        _run(tmp_path, "acp_r0.5_seed0", 0, True, 14.0, ratio=0.5),
+        _run(tmp_path, "acp_r0.5_seed1", 1, True, 16.0, ratio=0.5),
+    ]
+    out = tmp_path / "report"
+    summary = make_report(runs, out)
+    assert set(summary) == {"baseline", "acp_r0.25", "acp_r0.5"}
+    base = summary["baseline"]["segm_APr"]
+    assert base["n"] == 2 and base["mean"] == pytest.approx(2.0) and base["std"] == pytest.approx(2 ** 0.5)
+    assert summary["acp_r0.5"]["segm_APr"]["mean"] == pytest.approx(15.0)
+    md = (out / "report.md").read_text()
+    assert "2.0 ± 1.4" in md and "Mask format of all runs: `polygon`" in md
+    rows = list(csv.DictReader(open(out / "report.csv")))
+    assert len(rows) == 5 and {r["group"] for r in rows} == set(summary)
+    for name in ("ap_groups_segm.png", "ap_groups_bbox.png", "apr_sweep.png"):
+        assert (out / name).stat().st_size > 5000
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_mixed_mask_formats_rejected(tmp_path: Path) -> None:
+    a = _run(tmp_path, "a", 0, False, 1.0, fmt="polygon")
+    b = _run(tmp_path, "b", 0, True, 1.0, fmt="bitmask")
+    with pytest.raises(ReportError, match="MASK_FORMAT"):
+        make_report([a, b], tmp_path / "out")
+
+
+def test_missing_metrics_named(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ReportError, match="empty.*metrics.json"):
+        make_report([tmp_path / "empty"], tmp_path / "out")
