@@ -1,0 +1,190 @@
+"""Parsing real-looking LLM answers: a corpus of description and layout answers, each with the verdict it must get."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tiny_models_gen import synthetic_lvis
+
+from acp_data.categories import CategoryTable
+from acp_data.plan import prompts
+from acp_data.plan.common import display_name, requested_objects
+from acp_data.plan.parse import ParseError, extract_json, parse_description, parse_layout
+
+CATS = CategoryTable.from_lvis_json(synthetic_lvis())
+REQ = requested_objects(CATS, (CATS.id_of("dog"), CATS.id_of("frisbee"), CATS.id_of("person")))
+
+GOOD_DESC = {
+    "attributes": {"dog-1": ["golden", "fluffy"], "frisbee-2": ["red", "plastic"], "person-3": ["smiling"]},
+    "groups": {"group-1": ["dog-1", "frisbee-2"], "group-2": ["person-3"]},
+    "layers of depth": {"Foreground": ["group-1"], "Midground": ["group-2"]},
+    "relations": [{"subjects": ["dog-1"], "objects": ["frisbee-2"], "relation": "catching"},
+                  {"subjects": ["person-3"], "objects": ["dog-1"], "relation": "behind"}],
+    "caption": "A golden fluffy dog(dog-1) leaps to catch a red frisbee(frisbee-2) while a smiling "
+               "person(person-3) watches from behind.",
+}
+GOOD_LAYOUT = {"Layout": [{"object": "dog-1", "bbox": [0.12, 0.38, 0.42, 0.4]},
+                          {"object": "frisbee-2", "bbox": [0.46, 0.22, 0.14, 0.08]},
+                          {"object": "person-3", "bbox": [0.62, 0.15, 0.22, 0.7]}]}
+
+DESCRIPTIONS: list[tuple[str, str, set[str]]] = [
+    ("plain", json.dumps(GOOD_DESC), set()),
+    ("fenced with prose", "Sure! Here is the description of the scene:\n\n```json\n" + json.dumps(GOOD_DESC, indent=2)
+     + "\n```\n\nLet me know if you would like any changes!", set()),
+    ("python literals, single quotes, trailing commas", """{
+  'attributes': {'dog-1': ['golden', 'fluffy',], 'frisbee-2': ['red'], 'person-3': ['smiling'],},
+  'groups': {'group-1': ['dog-1', 'frisbee-2'], 'group-2': ['person-3']},
+  'layers of depth': {'Foreground': ['group-1'], 'Midground': ['group-2'], 'Background': None},
+  'relations': [{'subjects': ['dog-1'], 'objects': ['frisbee-2'], 'relation': 'catching', 'visible': True},],
+  'caption': 'A golden dog(dog-1) catches a red frisbee(frisbee-2) as a person(person-3) cheers.',
+}""", set()),
+    ("reasoning with braces before the answer", "<think>The ids are dog-1, frisbee-2 and person-3. I need the format "
+     "{attributes, groups, ...} and every id in the caption.</think>\n" + json.dumps(GOOD_DESC), set()),
+    ("snake_case keys and comments", """{
+  "Attributes": {"dog-1": "golden, fluffy", "frisbee-2": "red", "person-3": "smiling"},  // colours
+  "layers_of_depth": {"foreground": ["dog-1", "frisbee-2"], "midground": ["person-3"]},
+  "Relations": [["dog-1", "jumping for", "frisbee-2"]],
+  "Caption": "A golden dog(dog-1) jumps for a red frisbee(frisbee-2) thrown by a smiling person(person-3)."
+}""", set()),
+    ("uppercase ids are normalised", json.dumps({**GOOD_DESC, "attributes": {"Dog-1": ["golden"]},
+                                                 "caption": GOOD_DESC["caption"].replace("(dog-1)", "(Dog-1)")}),
+     set()),
+    ("truncated mid-caption", json.dumps(GOOD_DESC)[:-60], {"truncated"}),
+    ("truncated inside a fence", "```json\n" + json.dumps(GOOD_DESC, indent=2)[:200], {"truncated"}),
+    ("refusal without json", "I'm sorry, but I can't describe this scene.", {"no_json"}),
+    ("empty", "", {"no_json"}),
+    ("unbalanced garbage", '{"caption": "a dog(dog-1)" "attributes": }', {"bad_json"}),
+    ("wrong type for relations", json.dumps({**GOOD_DESC, "relations": "the dog catches the frisbee"}),
+     {"bad_schema"}),
+    ("json of another shape", '{"answer": 42, "confidence": 0.9}', {"bad_schema"}),
+    ("caption misses an object", json.dumps({**GOOD_DESC, "caption": "A golden dog(dog-1) catches a red "
+                                                                     "frisbee(frisbee-2)."}),
+     {"caption_missing_object"}),
+    ("relation names an unknown id", json.dumps({**GOOD_DESC, "relations": [
+        {"subjects": ["cat-4"], "objects": ["dog-1"], "relation": "chasing"}]}), {"unknown_relation_id"}),
+    ("extra object in attributes", json.dumps({**GOOD_DESC, "attributes": {
+        **GOOD_DESC["attributes"], "ball-4": ["blue"]}}), {"extra_object", "caption_missing_object"}),
+]
+
+
+@pytest.mark.parametrize("name,text,expected", DESCRIPTIONS, ids=[d[0] for d in DESCRIPTIONS])
+def test_description_verdicts(name: str, text: str, expected: set[str]) -> None:
+    v = parse_description(text, REQ)
+    assert set(v.codes) == expected, v.message()
+    assert v.ok == (not expected)
+    if v.ok:
+        assert v.scene is not None
+        assert v.scene.ids == list(REQ)
+        assert [o.category_id for o in v.scene.objects] == list(REQ.values())
+        assert all(f"({oid})" in v.scene.caption for oid in REQ)
+        assert v.scene.object("dog-1").attributes[0] == "golden"
+
+
+def test_description_complete_despite_token_limit() -> None:
+    assert parse_description(json.dumps(GOOD_DESC), REQ, finish_reason="length").ok
+    assert parse_description("Here it is: " + json.dumps(GOOD_DESC)[:-5], REQ, finish_reason="length").codes == [
+        "truncated"]
+
+
+@pytest.fixture(scope="module")
+def desc_scene():
+    v = parse_description(json.dumps(GOOD_DESC), REQ)
+    assert v.ok
+    return v.scene
+
+
+def _layout(*entries: tuple[str, list]) -> str:
+    return json.dumps({"Layout": [{"object": o, "bbox": b} for o, b in entries]})
+
+
+OK3 = [("dog-1", [0.12, 0.38, 0.42, 0.4]), ("frisbee-2", [0.46, 0.22, 0.14, 0.08]), ("person-3", [0.62, 0.15, 0.22, 0.7])]
+LAYOUTS: list[tuple[str, str, set[str]]] = [
+    ("plain", json.dumps(GOOD_LAYOUT), set()),
+    ("fenced with prose", "Here is a plausible layout for the scene:\n```\n" + json.dumps(GOOD_LAYOUT, indent=1)
+     + "\n```\nThe dog is in the lower left, the frisbee above it.", set()),
+    ("bare list, entries in another order", json.dumps(GOOD_LAYOUT["Layout"][::-1]), set()),
+    ("string numbers and x/y/w/h objects", json.dumps({"layout": [
+        {"object": "dog-1", "bbox": ["0.12", "0.38", "0.42", "0.4"]},
+        {"object": "frisbee-2", "box": {"x": 0.46, "y": 0.22, "w": 0.14, "h": 0.08}},
+        {"object": "Person-3", "bbox": [0.62, 0.15, 0.22, 0.7]}]}), set()),
+    ("slight overshoot is clipped", _layout(OK3[0], OK3[1], ("person-3", [0.6, 0.15, 0.42, 0.7])), set()),
+    ("box far outside", _layout(OK3[0], OK3[1], ("person-3", [0.7, 0.2, 0.5, 0.3])), {"box_out_of_range"}),
+    ("pixel coordinates", _layout(("dog-1", [61, 194, 215, 205]), ("frisbee-2", [235, 112, 72, 41]),
+                                  ("person-3", [317, 77, 113, 358])), {"box_out_of_range"}),
+    ("zero width", _layout(OK3[0], ("frisbee-2", [0.46, 0.22, 0.0, 0.08]), OK3[2]), {"box_zero_area"}),
+    ("missing object", _layout(OK3[0], OK3[1]), {"missing_object"}),
+    ("extra object", _layout(*OK3, ("ball-4", [0.1, 0.1, 0.1, 0.1])), {"extra_object"}),
+    ("duplicate object", _layout(*OK3, ("dog-1", [0.1, 0.5, 0.3, 0.3])), {"duplicate_object"}),
+    ("wrong id separator", _layout(("dog_1", OK3[0][1]), OK3[1], OK3[2]),
+     {"bad_object_id", "missing_object", "extra_object"}),
+    ("wrong id number", _layout(("dog-2", OK3[0][1]), OK3[1], OK3[2]), {"missing_object", "extra_object"}),
+    ("three numbers", _layout(("dog-1", [0.1, 0.2, 0.3]), OK3[1], OK3[2]), {"bad_schema"}),
+    ("truncated", json.dumps(GOOD_LAYOUT)[:-40], {"truncated"}),
+    ("description instead of layout", json.dumps(GOOD_DESC), {"bad_schema"}),
+    ("no json", "The dog should be on the left and the person on the right.", {"no_json"}),
+]
+
+
+@pytest.mark.parametrize("name,text,expected", LAYOUTS, ids=[d[0] for d in LAYOUTS])
+def test_layout_verdicts(name: str, text: str, expected: set[str], desc_scene) -> None:
+    v = parse_layout(text, desc_scene, REQ)
+    assert set(v.codes) == expected, v.message()
+    assert v.ok == (not expected)
+    if v.ok:
+        s = v.scene
+        assert s.ids == list(REQ)  # requested order whatever the answer's order
+        assert [o.category_id for o in s.objects] == list(REQ.values())
+        assert s.object("dog-1").bbox == pytest.approx((0.12, 0.38, 0.42, 0.4))
+        assert s.object("dog-1").attributes == ["golden", "fluffy"]
+        assert s.caption == GOOD_DESC["caption"] and len(s.relations) == 2
+        assert s.validate(list(REQ)).ok
+        x, y, w, h = s.object("person-3").bbox
+        assert 0 <= x and x + w <= 1 + 1e-9
+
+
+def test_repairs_are_counted(desc_scene) -> None:
+    v = parse_layout(_layout(OK3[0], OK3[1], ("Person-3", [0.6, 0.15, 0.42, 0.7])), desc_scene, REQ)
+    assert v.ok and v.repairs["clip_box"] == 1 and v.repairs["normalize_id"] == 1
+
+
+def test_extract_json_edge_cases() -> None:
+    assert extract_json("x = {'a': 1e-3, 'b': -.5, 'c': None}") == {"a": 0.001, "b": -0.5, "c": None}
+    assert extract_json('{"caption": "the dog\'s toy"}') == {"caption": "the dog's toy"}
+    assert extract_json("{'caption': 'the dog's toy'}") == {"caption": "the dog's toy"}
+    assert extract_json('Use {x: y} format.\n{"Layout": []}', accept=lambda v: "Layout" in v) == {"Layout": []}
+    with pytest.raises(ParseError) as e:
+        extract_json('{"a": [1, 2}')
+    assert e.value.code == "bad_json"
+
+
+@pytest.mark.parametrize("k", range(len(prompts.EXAMPLES)))
+def test_few_shot_examples_are_valid(k: int) -> None:
+    """Our in-context examples must pass our own parser (a bad example teaches the model bad answers)."""
+    ids, desc, layout = prompts.EXAMPLES[k]
+    req = {oid: i for i, oid in enumerate(ids, start=1)}
+    v = parse_description(json.dumps(desc), req)
+    assert v.ok, v.message()
+    lv = parse_layout(json.dumps(layout), v.scene, req)
+    assert lv.ok and not lv.repairs, lv.message()
+    for o in lv.scene.objects:  # strictly inside (0, 1), as the prompt demands
+        x, y, w, h = o.bbox
+        assert 0 < x < x + w < 1 and 0 < y < y + h < 1
+
+
+def test_prompt_messages() -> None:
+    ids = list(REQ)
+    msgs = prompts.description_messages(ids, shots=2)
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert json.dumps(ids) in msgs[-1]["content"]
+    no_sys = prompts.layout_messages(ids, GOOD_DESC["caption"], shots=0, system_role=False)
+    assert [m["role"] for m in no_sys] == ["user"]
+    assert no_sys[0]["content"].startswith(prompts.LAYOUT_SYSTEM) and GOOD_DESC["caption"] in no_sys[0]["content"]
+
+
+def test_object_ids_from_lvis_names() -> None:
+    assert display_name("bow_(weapon)") == "bow weapon"
+    assert display_name("Crème_Brûlée") == "creme brulee"
+    req = requested_objects(CATS, (CATS.id_of("bow_(weapon)"), CATS.id_of("fire_hydrant"), CATS.id_of("dog"),
+                                   CATS.id_of("dog")))
+    assert list(req) == ["bow_weapon-1", "fire_hydrant-2", "dog-3", "dog-4"]
