@@ -1,0 +1,165 @@
+"""``manifest.json``: written once per cache (O_EXCL semantics) with the format version, the CategoryTable, the
+generation settings, the scoring settings (informational) and the tool version.
+
+Every later writer (another rank, a resumed run) reads it and is refused when its generation settings or category
+table differ, with the differences listed key by key: mixing two generation recipes in one cache would make the
+generation keys, and so resume, meaningless.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..categories import CategoryError, CategoryTable
+from .layout import FORMAT_VERSION, MANIFEST, CacheError, CacheFormatError, fsync_dir, read_json, tmp_name
+
+FORMAT_NAME = "acp-data cache"
+
+
+@dataclass
+class Manifest:
+    path: Path
+    categories: CategoryTable
+    generation: dict[str, Any]
+    scoring: dict[str, Any] = field(default_factory=dict)
+    tool_version: str = ""
+    created: float = 0.0
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME, "format_version": self.format_version, "tool_version": self.tool_version,
+            "created": self.created, "categories": self.categories.to_dict(), "generation": self.generation,
+            "scoring": self.scoring,
+        }
+
+
+def _normalise(obj: Any) -> Any:
+    """JSON round trip: tuples become lists, keys strings, so settings compare as they are stored."""
+    try:
+        return json.loads(json.dumps(obj, sort_keys=True, allow_nan=False))
+    except (TypeError, ValueError) as e:
+        raise CacheError(f"settings must be JSON-serialisable (no NaN): {e}") from e
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        if not obj and prefix:
+            out[prefix] = {}
+        return out
+    return {prefix or "<root>": obj}
+
+
+def settings_diff(stored: dict[str, Any], given: dict[str, Any]) -> list[str]:
+    """Lines ``key: stored X, given Y`` for every differing (dotted) key of two settings dicts."""
+    a, b = _flatten(_normalise(stored)), _flatten(_normalise(given))
+    missing = object()
+    lines = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k, missing), b.get(k, missing)
+        if va != vb:
+            sa = "(absent)" if va is missing else json.dumps(va)
+            sb = "(absent)" if vb is missing else json.dumps(vb)
+            lines.append(f"{k}: cache has {sa}, given {sb}")
+    return lines
+
+
+def load_manifest(cache_dir: str | os.PathLike) -> Manifest:
+    """Read and check ``<cache>/manifest.json``: another format version or a corrupt file is a
+    ``CacheFormatError`` naming it."""
+    path = Path(cache_dir) / MANIFEST
+    if not path.exists():
+        raise CacheFormatError(f"{path} does not exist: {cache_dir} is not an acp-data cache (build one with "
+                               "`acp-data prebuild --config FILE --out CACHE`)")
+    d = read_json(path, "cache manifest")
+    if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
+        raise CacheFormatError(f"{path} is not an acp-data cache manifest (no \"format\": \"{FORMAT_NAME}\")")
+    version = d.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CacheFormatError(f"{path} has cache format version {version!r}; this acp-data reads version "
+                               f"{FORMAT_VERSION}. Use the acp-data release that wrote it, or rebuild the cache")
+    try:
+        table = CategoryTable.from_dict(d["categories"], source=f"cache manifest {path}")
+        return Manifest(path=path, categories=table, generation=dict(d["generation"]), scoring=dict(d.get("scoring")
+                        or {}), tool_version=str(d.get("tool_version", "")), created=float(d.get("created", 0.0)),
+                        format_version=int(version))
+    except (KeyError, TypeError, ValueError, CategoryError) as e:
+        raise CacheFormatError(f"{path} is corrupt: {type(e).__name__}: {e}") from e
+
+
+def _create_exclusive(path: Path, data: bytes) -> bool:
+    """Create ``path`` with ``data`` only if it does not exist; False if it does. The file appears complete: a fully
+    written, fsynced temp file is hard-linked to the final name (``link`` fails when the name exists, like O_EXCL);
+    where hard links are unsupported, ``open(O_CREAT | O_EXCL)`` is used directly."""
+    tmp = tmp_name(path)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(tmp, path)
+        created = True
+    except FileExistsError:
+        created = False
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            created = False
+        else:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            created = True
+    finally:
+        tmp.unlink(missing_ok=True)
+    if created:
+        fsync_dir(path.parent)
+    return created
+
+
+def ensure_manifest(cache_dir: str | os.PathLike, categories: CategoryTable, generation_settings: dict[str, Any],
+                    scoring_settings: dict[str, Any] | None = None) -> Manifest:
+    """Create the cache's manifest, or check an existing one against these settings.
+
+    Raises ``CacheError`` listing every differing generation-settings key, or naming both category tables, when the
+    cache was built differently. Scoring settings are informational (rescoring never regenerates) and not compared.
+    """
+    from .. import __version__
+
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = cache_dir / MANIFEST
+    generation = _normalise(dict(generation_settings))
+    manifest = Manifest(path=path, categories=categories, generation=generation,
+                        scoring=_normalise(dict(scoring_settings or {})), tool_version=__version__,
+                        created=time.time())
+    data = (json.dumps(manifest.to_dict(), indent=1, sort_keys=True, allow_nan=False) + "\n").encode()
+    if _create_exclusive(path, data):
+        return manifest
+    existing = load_manifest(cache_dir)
+    try:
+        existing.categories.check_same(categories, f"cache manifest {path}", "the writer's CategoryTable"
+                                       + (f" ({categories.source})" if categories.source else ""))
+    except CategoryError as e:
+        raise CacheError(f"refusing to write into {cache_dir}: {e}") from e
+    diff = settings_diff(existing.generation, generation)
+    if diff:
+        raise CacheError(
+            f"refusing to write into {cache_dir}: its generation settings ({path}) differ from this run's, so their "
+            "generation keys would not match:\n  " + "\n  ".join(diff)
+            + "\nUse another --out directory for another generation recipe."
+        )
+    return existing
