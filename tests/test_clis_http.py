@@ -1,0 +1,93 @@
+"""The OpenAI-compatible client against the local stub: retries, backoff, timeouts, concurrency, key redaction."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import numpy as np
+import pytest
+from openai_stub import OpenAIStub, Reply
+
+from acp_data.http_client import ChatClient, ChatError, image_to_data_url, user_message
+
+KEY = "sk-test-0123456789abcdef"
+
+
+def test_chat_round_trip_with_image_and_key(monkeypatch):
+    monkeypatch.setenv("ACP_TEST_KEY", KEY)
+    with OpenAIStub(lambda req, n: f"echo {OpenAIStub.text_of(req)}", require_key=KEY) as stub:
+        client = ChatClient(stub.url, "tiny-model", api_key_env="ACP_TEST_KEY", backoff=0)
+        img = np.zeros((4, 5, 3), dtype=np.uint8)
+        out = client.chat([user_message("hello", images=[img])], max_tokens=7)
+        assert out == "echo hello"
+        path, headers, req = stub.requests[0]
+        assert path == "/v1/chat/completions"
+        assert req["model"] == "tiny-model" and req["max_tokens"] == 7
+        assert OpenAIStub.images_of(req) == [image_to_data_url(img)]
+        assert headers["Authorization"] == f"Bearer {KEY}"
+    assert KEY not in repr(client) and KEY not in str(client.settings())
+
+
+def test_missing_key_variable_is_an_error(monkeypatch):
+    monkeypatch.delenv("ACP_NO_SUCH_KEY", raising=False)
+    with pytest.raises(ValueError, match="ACP_NO_SUCH_KEY"):
+        ChatClient("http://127.0.0.1:1/v1", "m", api_key_env="ACP_NO_SUCH_KEY")
+
+
+def test_retries_transient_errors_and_redacts(monkeypatch, caplog):
+    monkeypatch.setenv("ACP_TEST_KEY", KEY)
+    caplog.set_level(logging.DEBUG)
+    with OpenAIStub(lambda req, n: "fine") as stub:
+        stub.script(Reply(status=503, body=f"overloaded, your key {KEY}"), Reply(body="not json"),
+                    Reply(status=429, headers={"Retry-After": "0"}))
+        client = ChatClient(stub.url, "m", api_key_env="ACP_TEST_KEY", backoff=0, max_retries=3)
+        assert client.chat([user_message("x")]) == "fine"
+        assert len(stub.requests) == 4
+        stub.script(*[Reply(status=500, body=f"boom {KEY}")] * 3)
+        client2 = ChatClient(stub.url, "m", api_key_env="ACP_TEST_KEY", backoff=0, max_retries=2)
+        with pytest.raises(ChatError) as ei:
+            client2.chat([user_message("x")])
+        assert ei.value.attempts == 3 and "***" in str(ei.value) and KEY not in str(ei.value)
+        stub.script(Reply(status=400, body="bad request"))
+        with pytest.raises(ChatError) as ei:
+            client2.chat([user_message("x")])
+        assert ei.value.status == 400 and ei.value.attempts == 1  # not retried
+    assert "retry" in caplog.text
+    assert KEY not in caplog.text
+
+
+def test_timeout_is_retried():
+    with OpenAIStub(lambda req, n: "late but fine") as stub:
+        stub.script(Reply(content="too late", delay=1.0))
+        client = ChatClient(stub.url, "m", timeout=0.3, backoff=0, max_retries=1)
+        t0 = time.perf_counter()
+        assert client.chat([user_message("x")]) == "late but fine"
+        assert time.perf_counter() - t0 < 1.0
+        stub.script(Reply(delay=1.0), Reply(delay=1.0))
+        with pytest.raises(ChatError, match="after 2 attempts"):
+            client.chat([user_message("x")])
+
+
+def test_concurrency_is_bounded():
+    lock = threading.Lock()
+    state = {"now": 0, "peak": 0}
+
+    def slow(req, n):
+        with lock:
+            state["now"] += 1
+            state["peak"] = max(state["peak"], state["now"])
+        time.sleep(0.05)
+        with lock:
+            state["now"] -= 1
+        return OpenAIStub.text_of(req)
+
+    with OpenAIStub(slow) as stub:
+        client = ChatClient(stub.url, "m", concurrency=3, backoff=0)
+        out = client.chat_many([[user_message(str(i))] for i in range(12)])
+        assert out == [str(i) for i in range(12)]
+        assert 1 < state["peak"] <= 3
+        stub.script(Reply(status=404, body="no"))
+        one = ChatClient(stub.url, "m", concurrency=1, backoff=0).chat_many([[user_message("a")], [user_message("b")]])
+        assert isinstance(one[0], ChatError) and one[1] == "b"
