@@ -1,0 +1,252 @@
+"""``ACPDatasetMapper``: detectron2's ``DatasetMapper`` for a stream of real and synthetic records, with paste mode.
+
+- Real records go through ``DatasetMapper.__call__`` unchanged (and get ``gt_sources`` 0) unless paste mode pastes
+  onto them.
+- Synthetic records (from :class:`acp_data.d2.datasets.SyntheticDataset`) carry their encoded image
+  (``acp_image_bytes``): it is decoded here, never through ``file_name``. Their RLE masks become polygons (holes
+  joined by a slit) under ``INPUT.MASK_FORMAT: polygon`` and stay bitmasks under ``bitmask``. A synthetic record left
+  without instances, or a broken one (``None``), is rejected (``None``): the caller replaces it from the same source.
+- Paste mode: after the base augmentation, with probability ``ACP.PASTE.PROB``, 1..``MAX_INSTANCES`` cut-outs from the
+  crop store are pasted (:mod:`acp_data.d2.paste`); every choice comes from the ``sample_key`` the dataset wrapper
+  derives from ``(SEED, position)``. ``gt_sources`` marks each instance: 0 real, 1 pasted, 2 synthetic image.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from detectron2.config import configurable
+from detectron2.data import DatasetMapper
+from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
+
+from .paste import (
+    SOURCE_REAL,
+    SOURCE_SYNTHETIC,
+    PasteParams,
+    annots_from_d2,
+    annots_to_d2,
+    make_placement,
+    paste_instances,
+    plan_pastes,
+    target_size,
+)
+from .sampler import TAG_PASTE, derive_key
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ACPDatasetMapper", "PasteSource", "is_synthetic", "rle_to_polygons_local", "paste_params_from_cfg"]
+
+
+def is_synthetic(record: dict[str, Any]) -> bool:
+    return "acp_source" in record or "acp_image_bytes" in record
+
+
+def rle_to_polygons_local(rle: dict[str, Any]) -> list[np.ndarray]:
+    """Compressed RLE -> polygons (absolute coordinates, holes joined by slits), traced on the mask's tight box only."""
+    from ..masks import mask_to_polygons, rle_to_mask
+
+    m = rle_to_mask(rle)
+    rows = np.flatnonzero(m.any(1))
+    if rows.size == 0:
+        return []
+    cols = np.flatnonzero(m.any(0))
+    y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    off = np.array([x0, y0], dtype=np.float64)
+    return [(np.asarray(p, dtype=np.float64).reshape(-1, 2) + off).reshape(-1)
+            for p in mask_to_polygons(m[y0:y1, x0:x1])]
+
+
+def decode_image_bytes(data: bytes, image_format: str) -> np.ndarray:
+    """Encoded bytes -> array in detectron2's ``INPUT.FORMAT`` (BGR/RGB through OpenCV, others through PIL as
+    ``detection_utils.read_image`` does); ``BrokenSampleError`` when they do not decode."""
+    import cv2
+
+    from ..cache.layout import BrokenSampleError
+
+    if image_format in ("BGR", "RGB"):
+        arr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+        if arr is not None:
+            return arr if image_format == "BGR" else np.ascontiguousarray(arr[:, :, ::-1])
+    import io
+
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(io.BytesIO(bytes(data))) as im:
+            return utils.convert_PIL_to_numpy(ImageOps.exif_transpose(im), image_format)
+    except Exception as e:  # PIL raises many types on damaged data
+        raise BrokenSampleError(f"synthetic image does not decode: {e}") from e
+
+
+class PasteSource:
+    """The cut-out pool of paste mode: crops of one or more crop stores, grouped by category (class-balanced draws),
+    with per-category size statistics from the priors. Small to pickle into workers (stores reopen lazily)."""
+
+    def __init__(self, stores: Sequence[Any], crop_ids: Sequence[np.ndarray],
+                 size_stats: dict[int, tuple[float, float, float, float]] | None = None):
+        if len(stores) != len(crop_ids):
+            raise ValueError("one array of crop ids per crop store")
+        self.stores = list(stores)
+        store_of, crop_of, cat_of = [], [], []
+        for s, (store, ids) in enumerate(zip(stores, crop_ids)):
+            ids = np.asarray(ids, dtype=np.int64)
+            store_of.append(np.full(ids.size, s, dtype=np.int32))
+            crop_of.append(ids)
+            cat_of.append(np.asarray(store.column("category_id"))[ids].astype(np.int64))
+        store_arr = np.concatenate(store_of) if store_of else np.zeros(0, np.int32)
+        crop_arr = np.concatenate(crop_of) if crop_of else np.zeros(0, np.int64)
+        cats = np.concatenate(cat_of) if cat_of else np.zeros(0, np.int64)
+        order = np.lexsort((crop_arr, store_arr, cats))
+        self._store, self._crop, cats = store_arr[order], crop_arr[order], cats[order]
+        self.categories, self._starts, self._counts = np.unique(cats, return_index=True, return_counts=True)
+        self.size_stats = dict(size_stats or {})
+
+    def __len__(self) -> int:
+        return int(self._crop.size)
+
+    def counts(self) -> dict[int, int]:
+        """Category id (1-based) -> number of cut-outs."""
+        return {int(c): int(n) for c, n in zip(self.categories, self._counts)}
+
+    def crop(self, category_slot: int, u: float) -> tuple[np.ndarray, int]:
+        """``(rgba, category id)`` of the crop at fraction ``u`` of category ``categories[category_slot]``."""
+        n = int(self._counts[category_slot])
+        j = int(self._starts[category_slot]) + min(int(u * n), n - 1)
+        rgba, cid = self.stores[int(self._store[j])].read(int(self._crop[j]))
+        return rgba, cid
+
+
+def paste_params_from_cfg(cfg: Any) -> PasteParams:
+    p = cfg.ACP.PASTE
+    return PasteParams(prob=float(p.PROB), max_instances=int(p.MAX_INSTANCES),
+                       scale_range=(float(p.SCALE_RANGE[0]), float(p.SCALE_RANGE[1])),
+                       aspect_jitter=float(p.ASPECT_JITTER), min_visible_frac=float(p.MIN_VISIBLE_FRAC),
+                       min_visible_pixels=int(p.MIN_VISIBLE_PIXELS))
+
+
+class ACPDatasetMapper(DatasetMapper):
+    """detectron2's ``DatasetMapper`` plus synthetic records and paste mode (see the module docstring).
+
+    ``mapper(dataset_dict, sample_key=None)``: ``sample_key`` (a 64-bit int from ``(SEED, position)``) drives the
+    paste choices; without it they are derived from ``(SEED, image_id)`` (the same pastes every epoch).
+    """
+
+    @configurable
+    def __init__(self, is_train: bool, *, paste_source: PasteSource | None = None,
+                 paste_params: PasteParams | None = None, seed: int = 0, **kwargs: Any):
+        super().__init__(is_train, **kwargs)
+        self.paste_source = paste_source
+        self.paste_params = paste_params or PasteParams()
+        self.seed = int(seed)
+        if paste_source is not None and self.image_format not in ("BGR", "RGB"):
+            raise ValueError(f"paste mode needs INPUT.FORMAT BGR or RGB, got {self.image_format!r}")
+        if paste_source is not None and (self.proposal_topk is not None or self.use_keypoint):
+            raise ValueError("paste mode does not support precomputed proposals or keypoints")
+
+    @classmethod
+    def from_config(cls, cfg: Any, is_train: bool = True, paste_source: PasteSource | None = None) -> dict[str, Any]:
+        ret = DatasetMapper.from_config(cfg, is_train)
+        ret.update(paste_source=paste_source, paste_params=paste_params_from_cfg(cfg), seed=int(cfg.SEED))
+        return ret
+
+    # ----- entry point ------------------------------------------------------------------------------------------------
+    def __call__(self, dataset_dict: dict[str, Any] | None, sample_key: int | None = None) -> dict[str, Any] | None:
+        if dataset_dict is None:  # a broken synthetic sample: let the caller replace it
+            return None
+        synthetic = is_synthetic(dataset_dict)
+        if not synthetic and (self.paste_source is None or not self.is_train):
+            out = super().__call__(dataset_dict)
+            if "instances" in out:
+                out["instances"].gt_sources = torch.full((len(out["instances"]),), SOURCE_REAL, dtype=torch.int64)
+            return out
+        return self._map(dataset_dict, synthetic, sample_key)
+
+    # ----- synthetic records and paste ----------------------------------------------------------------------------------
+    def _read(self, d: dict[str, Any], synthetic: bool) -> np.ndarray | None:
+        if not synthetic:
+            return utils.read_image(d["file_name"], format=self.image_format)
+        from ..cache.layout import BrokenSampleError
+
+        data = d.pop("acp_image_bytes", None)
+        if data is None:
+            raise ValueError(f"synthetic record {d.get('file_name')} has no image bytes; build the SyntheticDataset "
+                             "with include_image_bytes=True")
+        try:
+            return decode_image_bytes(data, self.image_format)
+        except BrokenSampleError as e:
+            logger.warning("rejecting synthetic sample %s: %s", d.get("file_name"), e)
+            return None
+
+    def _map(self, dataset_dict: dict[str, Any], synthetic: bool, sample_key: int | None) -> dict[str, Any] | None:
+        data = dataset_dict.get("acp_image_bytes")
+        shallow = {k: v for k, v in dataset_dict.items() if k != "acp_image_bytes"}
+        d = copy.deepcopy(shallow)
+        if data is not None:
+            d["acp_image_bytes"] = data
+        image = self._read(d, synthetic)
+        if image is None:
+            return None
+        utils.check_image_size(d, image)
+        aug_input = T.AugInput(image)
+        transforms = self.augmentations(aug_input)
+        image = aug_input.image
+        image_shape = image.shape[:2]
+        if not self.is_train:
+            d.pop("annotations", None)
+            d["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+            return d
+
+        annos = []
+        for obj in d.pop("annotations", []):
+            if obj.get("iscrowd", 0) != 0:
+                continue
+            if not self.use_instance_mask:
+                obj.pop("segmentation", None)
+            elif synthetic and self.instance_mask_format == "polygon" and isinstance(obj.get("segmentation"), dict):
+                polys = rle_to_polygons_local(obj["segmentation"])
+                if not polys:
+                    continue
+                obj["segmentation"] = polys
+            obj.pop("keypoints", None)
+            annos.append(utils.transform_instance_annotations(obj, transforms, image_shape))
+        sources = [SOURCE_SYNTHETIC if synthetic else SOURCE_REAL] * len(annos)
+        # the model's (C, H, W) copy is made anyway: paste into it (through an (H, W, C) view) instead of copying the
+        # augmented image, which PIL-based resizing leaves read-only, once more
+        chw = np.ascontiguousarray(image.transpose(2, 0, 1))
+        if not synthetic and self.paste_source is not None and len(self.paste_source):
+            key = sample_key if sample_key is not None else derive_key(self.seed, TAG_PASTE, int(d.get("image_id", 0)))
+            annos, sources = self._paste(chw.transpose(1, 2, 0), annos, key)
+
+        instances = utils.annotations_to_instances(annos, image_shape, mask_format=self.instance_mask_format)
+        if self.recompute_boxes and instances.has("gt_masks"):
+            instances.gt_boxes = instances.gt_masks.get_bounding_boxes()
+        instances.gt_sources = torch.as_tensor(sources, dtype=torch.int64).reshape(-1)
+        instances = utils.filter_empty_instances(instances)
+        if synthetic and len(instances) == 0:
+            return None
+        d["instances"] = instances
+        d["image"] = torch.as_tensor(chw)
+        return d
+
+    def _paste(self, image: np.ndarray, annos: list[dict[str, Any]], key: int) -> tuple[list[dict[str, Any]], list[int]]:
+        src = self.paste_source
+        params = self.paste_params
+        plans = plan_pastes(key, len(src.categories), params)
+        if not plans:
+            return annos, [SOURCE_REAL] * len(annos)
+        hw = image.shape[:2]
+        placements = []
+        for plan in plans:
+            rgba, cid = src.crop(plan.category_slot, plan.crop_u)
+            size = target_size(plan, rgba.shape[:2], hw, src.size_stats.get(cid), params.scale_range)
+            placements.append(make_placement(rgba, size, plan, hw, cid - 1, bgr=self.image_format == "BGR"))
+        annots = annots_from_d2(annos)
+        kept = paste_instances(image, annots, placements, min_visible_frac=params.min_visible_frac,
+                               min_visible_pixels=params.min_visible_pixels)
+        return annots_to_d2(kept, hw, self.instance_mask_format), [a.source for a in kept]
