@@ -146,6 +146,18 @@ def acp_train_loader_builder():
     return fn
 
 
+def check_acp_data(cfg) -> None:
+    """The ACP loader's start-up checks (crop store, usable synthetic samples, category tables) as one message."""
+    from acp_data.d2.loader import check_acp_train_data
+
+    try:
+        check_acp_train_data(cfg)
+    except Exception as e:  # acp_data's own errors (loader, cache format, categories) carry a complete message
+        if type(e).__module__.startswith("acp_data.") and not os.environ.get("ACP_DEBUG"):
+            raise CheckError(str(e)) from None
+        raise
+
+
 # ----- model -------------------------------------------------------------------------------------------------------
 def check_model(cfg, args) -> None:
     """Device, class count against the data, weights file; then build the model once on CPU (catches bad shapes)."""
@@ -195,6 +207,7 @@ def run_checks(args):
     check_data(cfg, args.eval_only)
     if cfg.ACP.ENABLED and not args.eval_only:
         acp_train_loader_builder()
+        check_acp_data(cfg)
     check_model(cfg, args)
     return cfg
 

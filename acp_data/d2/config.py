@@ -67,6 +67,8 @@ def add_acp_config(cfg: CN) -> CN:
     # Pick up shards closed by a running prebuild every ONLINE_REFRESH_ITERS iterations.
     _C.ACP.ONLINE = False
     _C.ACP.ONLINE_REFRESH_ITERS = 500
+    # Replay an online run exactly: the run directory whose recorded snapshots are used (or $ACP_ONLINE_REPLAY).
+    _C.ACP.ONLINE_REPLAY = ""
     # LVIS-format datasets to register before training: a list of [name, json_file, image_root]; relative paths are
     # resolved under $DETECTRON2_DATASETS (default "datasets"). Names must not contain "v1", "v0.5" or "cocofied".
     _C.ACP.REGISTER_LVIS = []

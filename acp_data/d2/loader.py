@@ -288,7 +288,7 @@ def check_same_mask_format(run_dirs: Sequence[str | os.PathLike]) -> str:
 def _online_replay_dir(cfg: Any) -> str:
     from .online import REPLAY_ENV
 
-    return str(getattr(cfg.ACP, "ONLINE_REPLAY", "") or os.environ.get(REPLAY_ENV, ""))
+    return str(cfg.ACP.ONLINE_REPLAY or os.environ.get(REPLAY_ENV, ""))
 
 
 def _uses_images(cfg: Any) -> bool:
