@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from ..masks import mask_polygon_arrays
 from .sampler import uniform
 
 SOURCE_REAL, SOURCE_PASTED, SOURCE_SYNTHETIC = 0, 1, 2
@@ -214,51 +215,9 @@ def finalize_occluded(annots: list[Annot], *, min_visible_frac: float, min_visib
     return out
 
 
-def _join_hole(outer: np.ndarray, hole: np.ndarray, max_hole_points: int = 32) -> np.ndarray:
-    """Join a hole contour to its outer contour by a zero-width slit (both (N, 2) int arrays). The slit's ends are
-    the closest pair between the outer contour and up to ``max_hole_points`` evenly spaced hole points: any slit keeps
-    the even-odd fill exact (its two edges cancel), a short one keeps the polygon tidy, and this stays O(N) instead of
-    comparing every pair of points."""
-    step = max(1, len(hole) // max_hole_points)
-    sub = hole[::step]
-    d = ((outer[:, None, :] - sub[None, :, :]) ** 2).sum(-1)
-    i, jj = np.unravel_index(int(np.argmin(d)), d.shape)
-    j = int(jj) * step
-    return np.concatenate([outer[: i + 1], hole[j:], hole[: j + 1], outer[i:]], axis=0)
-
-
 def local_mask_to_polygons(mask: np.ndarray, x0: int = 0, y0: int = 0) -> list[np.ndarray]:
-    """``acp_data.masks.mask_to_polygons`` for the paste hot path: the same pixel-edge contours (traced on a 2x nearest
-    upsampling, holes joined by slits, rasterising back to exactly the mask), offset by ``(x0, y0)`` and kept as
-    float64 arrays."""
-    import cv2
-
-    if not mask.any():
-        return []
-    up = cv2.resize(mask.view(np.uint8) if mask.dtype == bool else mask.astype(np.uint8), None, fx=2, fy=2,
-                    interpolation=cv2.INTER_NEAREST)
-    contours, hierarchy = cv2.findContours(up, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
-    if hierarchy is None:
-        return []
-    hier = hierarchy.reshape(-1, 4)
-    pts = [(c.reshape(-1, 2).astype(np.int64) + 1) // 2 for c in contours]
-    off = np.array([x0, y0], dtype=np.float64)
-    polys = []
-    for idx in range(len(contours)):
-        if hier[idx, 3] != -1:
-            continue
-        poly = pts[idx]
-        child = hier[idx, 2]
-        while child != -1:
-            if len(pts[child]) >= 3:
-                poly = _join_hole(poly, pts[child])
-            child = hier[child, 0]
-        keep = np.ones(len(poly), dtype=bool)
-        keep[1:] = np.any(poly[1:] != poly[:-1], axis=1)
-        poly = poly[keep]
-        if len(poly) >= 3:
-            polys.append((poly + off).reshape(-1))
-    return polys
+    """Polygons of a local mask window placed at ``(x0, y0)`` (``acp_data.masks.mask_polygon_arrays``)."""
+    return mask_polygon_arrays(mask, x0, y0)
 
 
 def annots_to_d2(annots: list[Annot], image_shape: tuple[int, int], mask_format: str) -> list[dict[str, Any]]:
