@@ -103,8 +103,9 @@ class PriorPlanner(Planner):
         w, h = s * math.exp(a / 2), s * math.exp(-a / 2)
         w, h = self._fit(w, h)
         m = self.opts["margin"]
-        x = rng.uniform(m, 1 - m - w)
-        y = rng.uniform(m, 1 - m - h)
+        # max(): _fit can leave w a rounding error above 1 - 2m, and uniform(lo, hi) with hi < lo raises
+        x = rng.uniform(m, max(m, 1 - m - w))
+        y = rng.uniform(m, max(m, 1 - m - h))
         return (x, y, w, h)
 
     def _fit(self, w: float, h: float) -> tuple[float, float]:
