@@ -1,0 +1,624 @@
+"""``python -m acp_data.shapes.demo`` (``make demo``): the whole acp-data loop on the Shapes world, on a CPU.
+
+Builds the world, its priors, the judge (CLIS-I model) and the synthetic cache, each reused when already built
+from the same inputs; trains Mask R-CNN on real data only (``configs/shapes/baseline.yaml``) and with CLIS-selected
+synthetic images of the rare categories (``configs/shapes/acp.yaml``) through ``tools/train_net.py``; prints one
+side-by-side table of AP / APr / APc / APf (mask and box) with the difference. Everything goes under ``--out``
+(default ``output/demo``)::
+
+    datasets/shapes/        the world (DETECTRON2_DATASETS=OUT/datasets, as the configs expect)
+    priors.npz              `acp-data priors build` of the world's train.json (+ priors.npz.stamp.json)
+    judge/                  the open_clip judge (local-dir checkpoint, judge.json stamp)
+    cache/                  the synthetic cache (`acp-data prebuild`, configs/shapes/prebuild.yaml; cache.stamp.json)
+    runs/baseline, runs/acp detectron2 output dirs (metrics.json, log.txt, stdout.log)
+    report/                 `acp-data report` of the two runs (markdown, CSV, plots)
+    summary.json            the table's numbers, stage timings and seconds per iteration
+
+The baseline trains in a child process while the main process builds the priors, judge and cache, then the ACP run
+trains beside it: two processes with one intra-op thread each use two cores fully (``--jobs 1`` trains one run at a
+time with all threads instead). A run is reused when its ``metrics.json`` exists and was made from the same command
+and inputs (``--retrain`` forces training).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONFIG_DIR = REPO_ROOT / "configs" / "shapes"
+TRAIN_NET = REPO_ROOT / "tools" / "train_net.py"
+DEFAULT_OUT = "output/demo"
+RUN_CONFIGS: dict[str, str] = {"baseline": "baseline.yaml", "acp": "acp.yaml"}
+RUN_STATE = "demo_run.json"
+PRIORS_SETTINGS: dict[str, Any] = {"seed": 0}
+TASKS = (("segm", "mask"), ("bbox", "box"))
+METRICS = ("AP", "APr", "APc", "APf")
+
+
+class DemoError(RuntimeError):
+    """A step of the demo failed; the message says which and where its log is."""
+
+
+# ----- files and stamps -----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DemoPaths:
+    """Where each artefact of the demo lives under ``out``."""
+
+    out: Path
+
+    @property
+    def datasets(self) -> Path:
+        return self.out / "datasets"
+
+    @property
+    def world(self) -> Path:
+        return self.datasets / "shapes"
+
+    @property
+    def priors(self) -> Path:
+        return self.out / "priors.npz"
+
+    @property
+    def judge(self) -> Path:
+        return self.out / "judge"
+
+    @property
+    def cache(self) -> Path:
+        return self.out / "cache"
+
+    @property
+    def cache_stamp(self) -> Path:
+        return self.out / "cache.stamp.json"
+
+    @property
+    def runs(self) -> Path:
+        return self.out / "runs"
+
+    @property
+    def report(self) -> Path:
+        return self.out / "report"
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fingerprint(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write ``obj`` as JSON under a temporary name, fsync, rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ----- the inputs: world, priors, judge, cache ------------------------------------------------------------------------
+def build_priors(train_json: Path, out: Path) -> bool:
+    """Build the priors file from ``train_json`` unless ``out`` was built from the same bytes with the same settings
+    (``out.stamp.json``). Returns whether it was built."""
+    from ..priors import Priors
+
+    stamp = out.with_name(out.name + ".stamp.json")
+    want = {"format": "acp-data demo priors", "ann": str(train_json), "ann_sha256": file_sha256(train_json),
+            "settings": PRIORS_SETTINGS}
+    if out.is_file() and _read_json(stamp) == want:
+        logger.info("priors %s are up to date", out)
+        return False
+    Priors.build(train_json, **PRIORS_SETTINGS).save(out)
+    write_json_atomic(stamp, want)
+    return True
+
+
+def prebuild_config(paths: DemoPaths, world_train_json: Path, judge_spec: str, overrides: Sequence[str] = (),
+                    config_file: Path | None = None) -> dict[str, Any]:
+    """``configs/shapes/prebuild.yaml`` pointed at this demo's world, priors and judge, plus ``KEY=VALUE``
+    overrides (docs/prebuild.md)."""
+    from ..pipeline import apply_overrides, load_config
+
+    cfg = load_config(config_file or CONFIG_DIR / "prebuild.yaml")
+    cfg["categories"] = str(world_train_json)  # the built world's own table (any world size)
+    cfg["priors"] = str(paths.priors)
+    scorer = cfg.get("scorer")
+    if isinstance(scorer, dict):
+        cfg["scorer"] = {**scorer, "model": judge_spec}
+    return apply_overrides(cfg, overrides)
+
+
+def build_cache(paths: DemoPaths, config: dict[str, Any], inputs: dict[str, str], max_units: int | None = None,
+                threads: int | None = 1, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) the prebuild into ``paths.cache``. A cache made from other inputs (config, priors, judge,
+    world) is deleted first: the stamp ``cache.stamp.json`` is written before the prebuild starts, so an interrupted
+    build resumes instead. Returns the prebuild summary."""
+    from ..pipeline import run_prebuild
+
+    want = {"format": "acp-data demo cache", "config": config, "inputs": inputs, "max_units": max_units}
+    want = json.loads(json.dumps(want, default=str))
+    if paths.cache.exists() and _read_json(paths.cache_stamp) != want:
+        if paths.cache.is_dir() and (not any(paths.cache.iterdir()) or (paths.cache / "manifest.json").is_file()):
+            logger.info("the cache %s was built from other inputs; rebuilding it", paths.cache)
+            shutil.rmtree(paths.cache)
+        else:
+            raise DemoError(f"{paths.cache} exists and is not an acp-data cache; move it away or choose another --out")
+    write_json_atomic(paths.cache_stamp, want)
+    return run_prebuild(config, paths.cache, max_units=max_units, threads=threads, progress=progress)
+
+
+@dataclass
+class Inputs:
+    """What the trainings need, with the time each step took."""
+
+    world_train_json: Path
+    judge_spec: str
+    cache_summary: dict[str, Any]
+    fingerprint: dict[str, str]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+# ----- training runs --------------------------------------------------------------------------------------------------
+def train_args(run: str, paths: DemoPaths, iters: int | None, seed: int, workers: int,
+               opts: Sequence[str] = ()) -> list[str]:
+    """Arguments of ``tools/train_net.py`` for run ``baseline`` or ``acp`` of this demo."""
+    cfg = CONFIG_DIR / RUN_CONFIGS[run]
+    args = ["--config-file", str(cfg), "OUTPUT_DIR", str(paths.runs / run), "SEED", str(seed),
+            "DATALOADER.NUM_WORKERS", str(workers)]
+    if iters:
+        args += ["SOLVER.MAX_ITER", str(iters), "SOLVER.WARMUP_ITERS", str(max(1, iters // 10))]
+    if run != "baseline":
+        args += ["ACP.CACHE_DIRS", json.dumps([str(paths.cache)])]
+    return args + list(opts)
+
+
+def child_env(paths: DemoPaths, threads: int | None) -> dict[str, str]:
+    """Environment of a training process: the demo's datasets root, ``threads`` intra-op threads (None: torch's)."""
+    env = dict(os.environ)
+    env["DETECTRON2_DATASETS"] = str(paths.datasets)
+    env.setdefault("PYTHONWARNINGS", "ignore")
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    return env
+
+
+class TrainJob:
+    """One ``tools/train_net.py`` child process: started, watched (iteration from ``train_metrics.json``, phase from
+    its log) and checked."""
+
+    def __init__(self, name: str, args: list[str], run_dir: Path, inputs: dict[str, Any], iters: int):
+        self.name, self.args, self.run_dir, self.iters = name, args, run_dir, iters
+        self.state = {"args": args, "inputs": inputs}
+        self.proc: subprocess.Popen | None = None
+        self.log_path = run_dir / "stdout.log"
+        self.t0 = self.t1 = 0.0
+        self.cpu_s: float | None = None  # CPU seconds of the child (and its workers), sampled while it runs
+        self.reused = False
+        self._log_offset = 0
+        self.phase = "waiting"
+
+    def done_before(self) -> bool:
+        """``metrics.json`` exists and was made by this very command from these inputs."""
+        return (self.run_dir / "metrics.json").is_file() and _read_json(self.run_dir / RUN_STATE) == \
+            json.loads(json.dumps(self.state))
+
+    def start(self, env: dict[str, str]) -> None:
+        if not TRAIN_NET.is_file():
+            raise DemoError(f"{TRAIN_NET} is missing: the demo runs from an acp-data checkout")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in (RUN_STATE, "metrics.json", "train_metrics.json", "last_checkpoint"):
+            (self.run_dir / stale).unlink(missing_ok=True)
+        log = open(self.log_path, "w")
+        self.t0 = time.time()
+        self.proc = subprocess.Popen([sys.executable, str(TRAIN_NET), *self.args], stdout=log,
+                                     stderr=subprocess.STDOUT, cwd=str(REPO_ROOT), env=env)
+        log.close()
+        self.phase = "training"
+
+    def iteration(self) -> int:
+        """Iterations finished, from the last line of ``train_metrics.json`` (written every 20 iterations)."""
+        p = self.run_dir / "train_metrics.json"
+        try:
+            with open(p, "rb") as f:
+                f.seek(max(0, os.path.getsize(p) - 4096))
+                lines = f.read().decode(errors="replace").strip().splitlines()
+        except OSError:
+            return 0
+        for line in reversed(lines):
+            try:
+                return int(json.loads(line)["iteration"]) + 1
+            except (ValueError, KeyError, TypeError):
+                continue
+        return 0
+
+    def poll(self) -> int | None:
+        """Return code once finished; updates the phase from the log."""
+        assert self.proc is not None
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(self._log_offset)
+                chunk = f.read()
+            self._log_offset += len(chunk)
+            if b"Start inference on" in chunk:
+                self.phase = "evaluating"
+        except OSError:
+            pass
+        self._sample_cpu()
+        rc = self.proc.poll()
+        if rc is not None and not self.t1:
+            self.t1 = time.time()
+            self.phase = "done" if rc == 0 else "failed"
+            if rc == 0:
+                write_json_atomic(self.run_dir / RUN_STATE, self.state)
+        return rc
+
+    def _sample_cpu(self) -> None:
+        import psutil
+
+        try:
+            p = psutil.Process(self.proc.pid)
+            procs = [p, *p.children(recursive=True)]
+            self.cpu_s = sum(sum(q.cpu_times()[:2]) for q in procs)
+        except (psutil.Error, OSError):  # exited between two samples: keep the last value
+            pass
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "(no log)"
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def wait_for(jobs: Sequence[TrainJob], progress: bool = True, poll_s: float = 2.0) -> None:
+    """Show one progress bar per running job until all have finished; a failure stops the others and raises."""
+    from tqdm import tqdm
+
+    live = [j for j in jobs if j.proc is not None]
+    bars = {j.name: tqdm(total=j.iters, desc=f"{j.name:>8}", unit="it", position=i, disable=not progress,
+                         dynamic_ncols=True, leave=True) for i, j in enumerate(live)}
+    try:
+        while True:
+            running = False
+            for j in live:
+                rc = j.poll()
+                bar = bars[j.name]
+                it = j.iters if j.phase in ("evaluating", "done") else min(j.iteration(), j.iters)
+                if it > bar.n or getattr(bar, "postfix", None) != j.phase:  # redraw on change only (logs stay short)
+                    bar.set_postfix_str(j.phase, refresh=False)
+                    bar.update(it - bar.n)
+                    bar.refresh()
+                if rc is None:
+                    running = True
+                elif rc != 0:
+                    for other in live:
+                        other.kill()
+                    raise DemoError(f"training run {j.name!r} failed (exit status {rc}); last lines of "
+                                    f"{j.log_path}:\n{j.log_tail()}")
+            if not running:
+                return
+            time.sleep(poll_s)
+    finally:
+        for b in bars.values():
+            b.close()
+
+
+def seconds_per_iter(run_dir: Path) -> float | None:
+    """Mean of detectron2's per-iteration ``time`` (20-iteration medians) over ``train_metrics.json``."""
+    vals = []
+    try:
+        for line in (run_dir / "train_metrics.json").read_text().splitlines():
+            try:
+                t = json.loads(line).get("time")
+            except ValueError:
+                continue
+            if isinstance(t, (int, float)):
+                vals.append(float(t))
+    except OSError:
+        return None
+    return sum(vals) / len(vals) if vals else None
+
+
+# ----- the table --------------------------------------------------------------------------------------------------------
+def _cell(v: Any, signed: bool = False) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:+.1f}" if signed else f"{v:.1f}"
+
+
+def format_table(metrics: dict[str, dict[str, Any]], title: str = "") -> str:
+    """Side-by-side table of ``metrics`` (run name -> metrics.json content) with the difference of the last run
+    minus the first: AP, APr, APc, APf for masks (segm) and boxes (bbox)."""
+    names = list(metrics)
+    width = max(10, *(len(n) for n in names))
+    head1 = " " * width + " | " + " | ".join(f"{f'{label} AP ({task})':^27}" for task, label in TASKS)
+    head2 = f"{'run':<{width}} | " + " | ".join(" ".join(f"{m:>6}" for m in METRICS) for _ in TASKS)
+    rule = "-" * len(head2)
+    lines = [title] if title else []
+    lines += [head1, head2, rule]
+    for n in names:
+        cells = [" ".join(f"{_cell((metrics[n].get(t) or {}).get(m)):>6}" for m in METRICS) for t, _ in TASKS]
+        lines.append(f"{n:<{width}} | " + " | ".join(cells))
+    if len(names) >= 2:
+        a, b = metrics[names[0]], metrics[names[-1]]
+        diff = []
+        for t, _ in TASKS:
+            row = []
+            for m in METRICS:
+                x, y = (a.get(t) or {}).get(m), (b.get(t) or {}).get(m)
+                row.append(f"{_cell(None if x is None or y is None else y - x, signed=True):>6}")
+            diff.append(" ".join(row))
+        lines += [rule, f"{'difference':<{width}} | " + " | ".join(diff)]
+    return "\n".join(lines)
+
+
+# ----- main -------------------------------------------------------------------------------------------------------------
+class _Clock:
+    """``with clock(name):`` records the wall seconds of a step in ``timings[name]`` and its CPU seconds (this
+    process) in ``timings[name + "_cpu"]``."""
+
+    def __init__(self, timings: dict[str, float]):
+        self.timings = timings
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t, c = time.time(), time.process_time()
+        try:
+            yield
+        finally:
+            self.timings[name] = time.time() - t
+            self.timings[f"{name}_cpu"] = time.process_time() - c
+
+
+def prepare_inputs(paths: DemoPaths, size: str = "demo", world_seed: int = 0, judge_steps: int | None = None,
+                   prebuild_overrides: Sequence[str] = (), max_units: int | None = None, threads: int | None = 1,
+                   progress: bool = True, after_world: Any = None) -> Inputs:
+    """World, priors, judge and cache under ``paths`` (each reused when up to date). ``after_world()`` is called
+    once the world exists (the demo starts the baseline there)."""
+    from .judge import JudgeOptions, train_judge
+    from .world import build_world
+
+    timings: dict[str, float] = {}
+    clock = _Clock(timings)
+    with clock("world"):
+        world = build_world(paths.world, seed=world_seed, size=size, progress=progress)
+    if after_world is not None:
+        after_world()
+    with clock("priors"):
+        build_priors(world.train_json, paths.priors)
+    opts = JudgeOptions() if judge_steps is None else JudgeOptions(steps=judge_steps)
+    with clock("judge"):
+        judge_spec = train_judge(world.root, paths.judge, opts, progress=progress, threads=threads)
+    fingerprint = {"world": file_sha256(world.train_json), "val": file_sha256(world.val_json),
+                   "priors": file_sha256(paths.priors),
+                   "judge": file_sha256(paths.judge / "open_clip_model.safetensors")}
+    config = prebuild_config(paths, world.train_json, judge_spec, prebuild_overrides)
+    with clock("cache"):
+        summary = build_cache(paths, config, fingerprint, max_units=max_units, threads=threads, progress=progress)
+    fingerprint["cache"] = _fingerprint(_read_json(paths.cache_stamp))
+    return Inputs(world.train_json, judge_spec, summary, fingerprint, timings)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m acp_data.shapes.demo", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Trailing KEY VALUE pairs are detectron2 config overrides for both runs.")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
+    p.add_argument("--iters", type=int, default=None,
+                   help="training iterations of each run (default: SOLVER.MAX_ITER of configs/shapes/Base-Shapes.yaml)")
+    p.add_argument("--seed", type=int, default=42, help="training seed (SEED) of both runs")
+    p.add_argument("--world-seed", type=int, default=0, help="seed of the world's images")
+    p.add_argument("--size", default="demo", choices=("demo", "small"), help="world size (small: for tests)")
+    p.add_argument("--judge-steps", type=int, default=None, help="judge training steps (default: the judge's)")
+    p.add_argument("--max-units", type=int, default=None, help="cap on prebuild work units (default: all)")
+    p.add_argument("--prebuild-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of configs/shapes/prebuild.yaml (docs/prebuild.md)")
+    p.add_argument("--jobs", type=int, default=2, choices=(1, 2),
+                   help="2: the runs train side by side, one thread each (default); 1: one after the other")
+    p.add_argument("--workers", type=int, default=0, help="DATALOADER.NUM_WORKERS of each run (default 0)")
+    p.add_argument("--retrain", action="store_true", help="train even when a run's metrics.json is up to date")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE detectron2 overrides for both runs")
+    return p
+
+
+def run_demo(args: argparse.Namespace) -> dict[str, Any]:
+    """The demo's steps; returns what ``summary.json`` holds."""
+    t_start = time.time()
+    paths = DemoPaths(Path(args.out).absolute())
+    paths.out.mkdir(parents=True, exist_ok=True)
+    progress = not args.no_progress
+    threads = 1 if args.jobs == 2 else None
+    env = child_env(paths, threads)
+    iters = args.iters or _base_max_iter()
+    jobs: dict[str, TrainJob] = {}
+
+    def make_job(run: str, inputs: dict[str, Any]) -> TrainJob:
+        targs = train_args(run, paths, args.iters, args.seed, args.workers, args.opts)
+        job = TrainJob(run, targs, paths.runs / run, inputs, iters)
+        if not args.retrain and job.done_before():
+            job.reused, job.phase = True, "reused"
+            print(f"[demo] {run}: reusing {job.run_dir / 'metrics.json'} (same command and inputs; --retrain to "
+                  "train again)", flush=True)
+        return job
+
+    def start(job: TrainJob) -> None:
+        if not job.reused:
+            job.start(env)
+            print(f"[demo] {job.name}: training in a child process ({iters} iterations; log {job.log_path})",
+                  flush=True)
+
+    def start_baseline() -> None:
+        from .world import world_paths
+
+        w = world_paths(paths.world)
+        jobs["baseline"] = make_job("baseline", {"world": file_sha256(w.train_json), "val": file_sha256(w.val_json)})
+        if args.jobs == 2:
+            start(jobs["baseline"])
+
+    print(f"[demo] output directory {paths.out}", flush=True)
+    try:
+        inputs = prepare_inputs(paths, size=args.size, world_seed=args.world_seed, judge_steps=args.judge_steps,
+                                prebuild_overrides=args.prebuild_set, max_units=args.max_units, threads=threads,
+                                progress=progress, after_world=start_baseline)
+        jobs["acp"] = make_job("acp", inputs.fingerprint)
+        t_train = time.time()
+        if args.jobs == 2:
+            start(jobs["acp"])
+            wait_for(list(jobs.values()), progress)
+        else:
+            for job in jobs.values():
+                start(job)
+                wait_for([job], progress)
+    except BaseException:
+        for job in jobs.values():
+            job.kill()
+        raise
+    t_end = time.time()
+
+    metrics = {}
+    for name, job in jobs.items():
+        m = _read_json(job.run_dir / "metrics.json")
+        if not isinstance(m, dict):
+            raise DemoError(f"run {name!r} finished without a readable {job.run_dir / 'metrics.json'}; see "
+                            f"{job.log_path}")
+        metrics[name] = m
+    acp_run = _read_json(jobs["acp"].run_dir / "acp_run.json") or {}
+    summary = {
+        "metrics": metrics, "iters": iters, "seed": args.seed, "world_size": args.size,
+        "real_images": acp_run.get("real_images"), "synthetic_images": acp_run.get("synthetic_images"),
+        "effective_synthetic_fraction": acp_run.get("effective_synthetic_fraction"),
+        "cache": {k: inputs.cache_summary.get(k) for k in ("units", "candidates", "kept", "rejections")},
+        "timings_s": {**{k: round(v, 1) for k, v in inputs.timings.items()},
+                      "training_and_eval": round(t_end - t_train, 1), "total": round(t_end - t_start, 1)},
+        "runs": {n: {"reused": j.reused, "wall_s": round(j.t1 - j.t0, 1) if j.t1 else None,
+                     "cpu_s": None if j.cpu_s is None else round(j.cpu_s, 1),
+                     "s_per_iter": seconds_per_iter(j.run_dir), "dir": str(j.run_dir)} for n, j in jobs.items()},
+    }
+    summary["idle_estimate_s"] = idle_estimate(summary["timings_s"], summary["runs"], args.jobs)
+    write_json_atomic(paths.out / "summary.json", summary)
+    try:
+        from ..report import make_report
+
+        make_report([jobs["baseline"].run_dir, jobs["acp"].run_dir], paths.report,
+                    labels={"baseline": "baseline", "acp": "acp"})
+    except Exception as e:  # the table below is the demo's result; a plotting problem must not hide it
+        logger.warning("acp-data report failed: %s", e)
+    syn = summary["synthetic_images"]
+    batch = _run_config(jobs["acp"].run_dir).get("SOLVER", {}).get("IMS_PER_BATCH", "?")
+    title = (f"Shapes world, Mask R-CNN R-18-FPN from scratch, {iters} iterations x batch {batch}, seed {args.seed}: "
+             f"{summary['real_images']} real training images"
+             + (f" (acp: + {syn} synthetic images of the rare categories, {_selection_words(acp_run)})"
+                if syn is not None else ""))
+    print("\n" + format_table(metrics, title) + "\n", flush=True)
+    t = summary["timings_s"]
+    print(f"[demo] wall time {t['total'] / 60:.1f} min (world {t['world']:.0f} s, priors {t['priors']:.0f} s, judge "
+          f"{t['judge']:.0f} s, cache {t['cache']:.0f} s, training + evaluation {t['training_and_eval']:.0f} s); "
+          f"report in {paths.report}, numbers in {paths.out / 'summary.json'}", flush=True)
+    if summary["idle_estimate_s"] is not None:
+        print(f"[demo] from the CPU seconds each step used, the same work takes about "
+              f"{summary['idle_estimate_s'] / 60:.1f} min on an idle 2-core machine", flush=True)
+    return summary
+
+
+def idle_estimate(timings: dict[str, float], runs: dict[str, dict[str, Any]], jobs: int) -> float | None:
+    """Wall seconds the demo would take on an idle 2-core machine, from the CPU seconds each step used: the world,
+    then the baseline on one core beside priors + judge + cache + the ACP run on the other (``--jobs 2``), or
+    everything in a row (``--jobs 1``, where CPU seconds over-count multi-threaded steps). None when a run was reused
+    or not measured."""
+    cpu = [runs[n].get("cpu_s") for n in ("baseline", "acp")]
+    if any(c is None or runs[n].get("reused") for c, n in zip(cpu, ("baseline", "acp"))):
+        return None
+    prep = sum(timings.get(f"{k}_cpu", 0.0) for k in ("priors", "judge", "cache"))
+    world = timings.get("world_cpu", 0.0)
+    if jobs == 2:
+        return round(world + max(cpu[0], prep + cpu[1]), 1)
+    return round(world + prep + cpu[0] + cpu[1], 1)
+
+
+def _selection_words(acp_run: dict[str, Any]) -> str:
+    """How the ACP run chose its synthetic images, from its ``acp_run.json``."""
+    sel = acp_run.get("selection") or {}
+    mode, min_i = sel.get("select"), sel.get("min_clis_i")
+    if mode == "clis":
+        what = "best of 4 by CLIS"
+    else:
+        what = {"random": "one random candidate per unit", "first": "first candidate",
+                "all": "every candidate"}.get(str(mode), f"ACP.SELECT {mode}")
+    return what + (f", instances with CLIS-I >= {min_i:g}" if min_i else ", no CLIS-I threshold")
+
+
+def _run_config(run_dir: Path) -> dict[str, Any]:
+    """The full config detectron2 saved for a run (empty if unreadable)."""
+    import yaml
+
+    try:
+        return yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+
+
+def _base_max_iter() -> int:
+    import yaml
+
+    base = yaml.safe_load((CONFIG_DIR / "Base-Shapes.yaml").read_text())
+    return int(base["SOLVER"]["MAX_ITER"])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.opts and len(args.opts) % 2:
+        print(f"demo: error: trailing overrides must be KEY VALUE pairs, got {args.opts}", file=sys.stderr)
+        return 2
+    if not logging.getLogger().handlers:
+        # acp_data's own steps at INFO; libraries (open_clip logs on the root logger) at WARNING
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.getLogger("acp_data").setLevel(logging.INFO)
+    try:
+        run_demo(args)
+    except DemoError as e:
+        print(f"demo: error: {e}", file=sys.stderr)
+        return 1
+    except (FileExistsError, FileNotFoundError, ValueError) as e:  # PrebuildError, world/judge input errors
+        print(f"demo: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

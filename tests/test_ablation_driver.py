@@ -1,0 +1,120 @@
+"""benchmarks/longtail_ablation.py without training: run specs, grid files, the plan, and a resumed ablation whose
+runs all have metrics (nothing is trained; tables, report and the headline JSON come from the metrics files)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import longtail_ablation as abl  # noqa: E402
+
+
+def test_parse_run_splits_overrides_only_before_keys():
+    spec = abl.parse_run('acp=configs/shapes/acp.yaml:ACP.CACHE_DIRS=["a","b"],ACP.MIN_CLIS_I=50,SOLVER.STEPS=(3,4)',
+                         seeds=(7,))
+    assert spec.name == "acp" and spec.config == "configs/shapes/acp.yaml" and spec.seeds == (7,)
+    assert spec.overrides == {"ACP.CACHE_DIRS": '["a","b"]', "ACP.MIN_CLIS_I": "50", "SOLVER.STEPS": "(3,4)"}
+    assert abl.parse_run("b=configs/shapes/baseline.yaml").overrides == {}
+
+
+@pytest.mark.parametrize("text, msg", [
+    ("configs/shapes/acp.yaml", "NAME=CONFIG"),
+    ("a b=configs/x.yaml", "run name"),
+    ("x_seed1=configs/x.yaml", "_seed"),
+    ("a=", "no config"),
+    ("a=configs/x.yaml:ACP.MIN_CLIS_I", "KEY=VALUE"),
+])
+def test_parse_run_rejects_bad_specs(text, msg):
+    with pytest.raises(abl.AblationError, match=msg):
+        abl.parse_run(text)
+
+
+def test_grid_file(tmp_path):
+    (tmp_path / "acp.yaml").write_text("_BASE_: x\n")
+    grid = {"seeds": [3, 4], "iters": 50, "common": {"MODEL.DEVICE": "cpu"},
+            "runs": [{"name": "base", "config": "configs/shapes/baseline.yaml"},
+                     {"name": "acp", "config": "acp.yaml", "seeds": [5],
+                      "overrides": {"ACP.CACHE_DIRS": ["c1"], "ACP.MAX_IMAGES": "@match:base"}}]}
+    p = tmp_path / "grid.yaml"
+    p.write_text(yaml.safe_dump(grid))
+    specs, common, iters = abl.load_grid(p)
+    assert [s.name for s in specs] == ["base", "acp"] and iters == 50 and common == {"MODEL.DEVICE": "cpu"}
+    assert specs[0].seeds == (3, 4) and specs[1].seeds == (5,)
+    assert specs[1].config == str(tmp_path / "acp.yaml")  # relative to the grid file when it exists there
+    assert specs[1].overrides == {"ACP.CACHE_DIRS": '["c1"]', "ACP.MAX_IMAGES": "@match:base"}
+
+    p.write_text(yaml.safe_dump({**grid, "epochs": 3}))
+    with pytest.raises(abl.AblationError, match="unknown keys"):
+        abl.load_grid(p)
+    p.write_text(yaml.safe_dump({"runs": [{"name": "a"}]}))
+    with pytest.raises(abl.AblationError, match="'name' and 'config'"):
+        abl.load_grid(p)
+
+
+def test_plan_marks_finished_runs_and_checks_match_targets(tmp_path):
+    specs = [abl.RunSpec("base", "configs/shapes/baseline.yaml", {}, (1, 2)),
+             abl.RunSpec("acp", "configs/shapes/acp.yaml", {"ACP.MAX_IMAGES": "@match:base"}, (1, 2))]
+    (tmp_path / "base_seed2").mkdir()
+    (tmp_path / "base_seed2" / "metrics.json").write_text("{}")
+    (tmp_path / "acp_seed1").mkdir()  # a crashed run: no metrics.json, trained again
+    runs = abl.plan(specs, tmp_path, {"MODEL.DEVICE": "cpu"}, iters=40)
+    assert [(r.name, r.status) for r in runs] == [("base_seed1", "pending"), ("base_seed2", "done"),
+                                                  ("acp_seed1", "pending"), ("acp_seed2", "pending")]
+    assert runs[2].overrides == {"MODEL.DEVICE": "cpu", "ACP.MAX_IMAGES": "@match:base", "SOLVER.MAX_ITER": "40",
+                                 "SOLVER.WARMUP_ITERS": "4"}
+    assert [r.seed for r in abl.plan(specs, tmp_path, {}, None, seeds=(9,))] == [9, 9]
+    with pytest.raises(abl.AblationError, match="names no run"):
+        abl.plan([abl.RunSpec("a", "x.yaml", {"ACP.MAX_IMAGES": "@match:nope"})], tmp_path, {}, None)
+    with pytest.raises(abl.AblationError, match="unique"):
+        abl.plan([specs[0], specs[0]], tmp_path, {}, None)
+
+
+def test_train_args_end_with_seed_and_output_dir(tmp_path):
+    spec = abl.RunSpec("acp", "configs/shapes/acp.yaml", {}, (1,))
+    run = abl.PlannedRun(spec, 1, tmp_path / "acp_seed1", {"ACP.MAX_IMAGES": "@match:x"})
+    args = abl.train_args(run, {"ACP.MAX_IMAGES": "120"}, ["--num-gpus", "1"])
+    assert args == ["--num-gpus", "1", "--config-file", str(ROOT / "configs/shapes/acp.yaml"), "ACP.MAX_IMAGES", "120",
+                    "SEED", "1", "OUTPUT_DIR", str(tmp_path / "acp_seed1")]
+
+
+def _fake_run(run_dir: Path, seed: int, group: str, apr: float, ap: float) -> None:
+    run_dir.mkdir(parents=True)
+    metrics = {t: {"AP": ap, "AP50": None, "AP75": None, "APs": None, "APm": None, "APl": None, "APr": apr,
+                   "APc": ap - 1, "APf": ap + 1} for t in ("bbox", "segm")}
+    (run_dir / "metrics.json").write_text(json.dumps({**metrics, "dataset": "shapes_val", "iter": 10,
+                                                      "config_sha": "x"}))
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"SEED": seed, "OUTPUT_DIR": str(run_dir),
+                                                         "ACP": {"ENABLED": group != "baseline", "SELECT": group},
+                                                         "INPUT": {"MASK_FORMAT": "polygon"}}))
+
+
+def test_resumed_ablation_trains_nothing_and_reports(tmp_path, capsys):
+    runs_dir, results = tmp_path / "runs", tmp_path / "results"
+    values = {"baseline": (1.0, 3.0), "unfiltered": (10.0, 14.0), "filtered": (16.0, 17.0)}
+    for group, aprs in values.items():
+        for seed, apr in zip((1, 2), aprs):
+            _fake_run(runs_dir / f"{group}_seed{seed}", seed, group, apr, 20.0 + seed)
+    argv = [f"--run={g}=configs/shapes/{'baseline' if g == 'baseline' else 'acp'}.yaml" for g in values]
+    argv += ["--seeds", "1,2", "--out", str(runs_dir), "--results", str(results), "--no-progress"]
+    assert abl.main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert all("done" in line for line in lines if line.startswith("[ablation]"))
+    head = json.loads(lines[-1])
+    assert head["apr_baseline"] == 2.0 and head["apr_unfiltered"] == 12.0 and head["apr_filtered"] == 16.5
+    assert head["apr_std"] == round(math.sqrt(8.0), 2)  # the unfiltered seeds' sample std, the largest of the three
+    assert head["groups"]["filtered"]["seeds"] == [1, 2]
+    assert head["groups"]["baseline"]["segm_AP_mean"] == 21.5
+    with open(results / "ablation.csv") as f:
+        rows = f.read().splitlines()
+    assert len(rows) == 7 and rows[0].startswith("run,group,seed,status")
+    md = (results / "ablation.md").read_text()
+    assert "| filtered | 1,2 | 21.5 ± 0.7 | 16.5 ± 0.7 |" in md and "--seeds 1,2" in md
+    assert (results / "report.md").is_file() and (results / "ap_groups_segm.png").is_file()
