@@ -28,7 +28,6 @@ import logging
 import os
 import re
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -38,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from .categories import Category, CategoryError, CategoryTable, frequency_from_count, normalize_name
+from .fsio import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -206,32 +206,6 @@ def _head_words(name: str) -> set[str]:
     n = re.sub(r"\([^)]*\)", " ", normalize_name(name))
     words = re.sub(r"[^a-z0-9 ]+", " ", n).split()
     return {words[-1]} if words else set()
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through ``write(fileobj)`` to a temporary file in the target directory, fsync, rename, fsync the dir."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:
-        dfd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
 
 
 # ----- the priors ---------------------------------------------------------------------------------------------------
@@ -416,7 +390,7 @@ class Priors:
         arrays = {"header": header, "size": self.size, "cooc": self.cooc, "pairs": self.pairs,
                   "pool_keys": self.pool_keys, "pool_offsets": self.pool_offsets, "bucket_refs": self.bucket_refs,
                   "bucket_offsets": self.bucket_offsets}
-        _atomic_write(Path(path), lambda f: np.savez(f, **arrays))
+        atomic_write(Path(path), lambda f: np.savez(f, **arrays))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Priors:

@@ -20,6 +20,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from ..fsio import TMP_SUFFIX, atomic_write_bytes, fsync_dir, tmp_name  # noqa: F401 (re-exported)
+from ..fsio import atomic_write_json as _atomic_write_json
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SHARDS = "shards"
@@ -28,7 +31,6 @@ CROPS = "crops"
 SUMMARY = "summary"
 QUARANTINE = "quarantine"
 SHARD_SUFFIX = ".tar"
-TMP_SUFFIX = ".tmp"
 
 SHARD_NAME_RE = re.compile(r"^(?P<rank>\d+)-(?P<uuid>[0-9a-f]{8,32})-(?P<n>\d+)$")
 INDEX_NAME_RE = re.compile(r"^(?P<shard>\d+-[0-9a-f]{8,32}-\d+)\.(?P<gen>\d+)$")
@@ -97,44 +99,10 @@ def member_stem(key: str, candidate_idx: int) -> str:
     return f"{key}.c{int(candidate_idx)}"
 
 
-# ----- crash-safe writes ---------------------------------------------------------------------------------------------
-def fsync_dir(path: str | os.PathLike) -> None:
-    """fsync a directory so a rename inside it survives a crash (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def tmp_name(path: str | os.PathLike) -> Path:
-    p = Path(path)
-    return p.with_name(f".{p.name}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same directory: fsync, rename, fsync the directory."""
-    path = Path(path)
-    tmp = tmp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
+# ----- crash-safe writes: acp_data.fsio (re-exported for the cache modules) -----------------------------------------
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True, allow_nan=False) + "\n").encode())
+    """Cache JSON never holds NaN (unscored values are null)."""
+    _atomic_write_json(path, obj, allow_nan=False)
 
 
 def read_json(path: str | os.PathLike, what: str = "file") -> Any:

@@ -17,13 +17,13 @@ import logging
 import math
 import os
 import sys
-import tempfile
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 from ..categories import CategoryError, CategoryTable
+from ..fsio import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -213,30 +213,6 @@ def config_sha(cfg) -> str:
     return hashlib.sha256(c.dump().encode()).hexdigest()[:16]
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=d)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:
-        dfd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
 def write_metrics(
     output_dir: str | os.PathLike,
     results: dict[str, dict[str, float | None]],
@@ -255,7 +231,7 @@ def write_metrics(
         doc[task] = None if m is None else {k: _json_number(m.get(k)) for k in METRICS}
     doc.update({"dataset": dataset, "iter": None if iteration is None else int(iteration), "config_sha": config_sha})
     path = os.path.join(os.fspath(output_dir), METRICS_FILE)
-    _atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
     return path
 
 
@@ -337,7 +313,7 @@ class LVISMetricsEvaluator:
         if self._output_dir:
             path = os.path.join(self._output_dir, RESULTS_FILE)
             logger.info("Saving %d detections to %s", len(dets), path)
-            _atomic_write_text(path, json.dumps(dets))
+            atomic_write_text(path, json.dumps(dets))
         if not self._do_evaluation:
             logger.info("%s has no annotations; detections saved, nothing evaluated", self._dataset_name)
             return {}

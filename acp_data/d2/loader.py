@@ -27,6 +27,7 @@ import numpy as np
 import torch.utils.data as torchdata
 
 from ..categories import GROUP_NAMES, CategoryError, CategoryTable
+from ..fsio import atomic_write_json
 from .sampler import (
     REAL,
     SOURCE_NAMES,
@@ -183,13 +184,6 @@ def _repeat_settings(cfg: Any) -> tuple[float, bool]:
     return float(cfg.DATALOADER.REPEAT_THRESHOLD), bool(getattr(cfg.DATALOADER, "REPEAT_SQRT", True))
 
 
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def build_paste_source(cfg: Any, selection: Any, table: CategoryTable) -> Any:
@@ -393,7 +387,7 @@ def build_acp_train_loader(cfg: Any) -> Any:
     _log_summary(summary)
     if rank == 0:
         os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-        _atomic_write_json(Path(cfg.OUTPUT_DIR) / RUN_FILE, summary)
+        atomic_write_json(Path(cfg.OUTPUT_DIR) / RUN_FILE, summary)
 
     dataset = MixedDataset(DatasetFromList(real_dicts, copy=False), synthetic_of if uses_images else None, mapper,
                            sampler, seed)

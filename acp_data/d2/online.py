@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..fsio import atomic_write_json
 from .sampler import PoolSchedule, SynthPool
 
 logger = logging.getLogger(__name__)
@@ -79,21 +80,6 @@ def boundary(k: int, refresh_iters: int, lag_iters: int, total_batch_size: int) 
     return 0 if k <= 0 else (k * refresh_iters + lag_iters) * total_batch_size
 
 
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    try:
-        fd = os.open(str(path.parent), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
 
 
 class SnapshotStore:
@@ -112,7 +98,7 @@ class SnapshotStore:
         p = self.path(snap.index)
         if p.exists():
             raise OnlineError(f"online snapshot {p} already exists; snapshots are written once")
-        _atomic_write_json(p, snap.to_dict())
+        atomic_write_json(p, snap.to_dict())
         return p
 
     def read(self, k: int, wait: bool) -> Snapshot | None:
