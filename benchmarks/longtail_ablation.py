@@ -2,7 +2,7 @@
 """Long-tail ablation: train a grid of configs over seeds through ``tools/train_net.py``, then tabulate and plot.
 
     python benchmarks/longtail_ablation.py                        # the default Shapes grid (about 75 min, 2 cores)
-    python benchmarks/longtail_ablation.py --grid full            # + a third seed everywhere, ratio sweep x 3 seeds
+    python benchmarks/longtail_ablation.py --grid full            # 3 seeds everywhere, + instance thresholds 0, 60
     python benchmarks/longtail_ablation.py --grid my_grid.yaml    # any configs (e.g. the LVIS ones)
     python benchmarks/longtail_ablation.py --run base=configs/lvis_baseline_12ep.yaml \\
         --run acp=configs/acp_lvis.yaml:ACP.MIN_CLIS_I=50,ACP.MAX_IMAGES=20000 --seeds 1,2 --train-arg=--num-gpus=8
@@ -23,9 +23,10 @@ The default Shapes grid (inputs built or reused under ``--shapes-dir`` as by ``p
 |---|---|---|
 | baseline | shapes/baseline.yaml | real images only |
 | unfiltered | shapes/acp_unfiltered.yaml, ``ACP.MAX_IMAGES @match:filtered`` | random candidate per unit, no thresholds |
-| filtered | shapes/acp.yaml | CLIS: best of 4 by CLIS-I, instances >= 60 |
+| filtered | shapes/acp.yaml | CLIS: best of 4 by CLIS-I, instances >= 20 (the paper's 60 on the Shapes judge's scale: benchmarks/judge_calibration.py) |
 | clip_only | shapes/acp.yaml on a rescored copy of the cache, ``MIN_CLIS_I 0``, ``MAX_IMAGES @match:filtered`` | best of 4 by the judge's whole-image caption score alone (``global_weight 1``, ``instance_weight 0``): no instance filter, no CLIS-L |
-| ratio_R | shapes/acp.yaml, ``ACP.MIX_MODE ratio``, ``ACP.SYNTH_RATIO R`` (0.1, 0.25, 0.5) | synthetic share of the stream |
+| filtered_minT | shapes/acp.yaml, ``ACP.MIN_CLIS_I T`` (60, one seed; ``full``: 0 and 60) | the same selected candidates as filtered with another instance threshold (60: the paper's number taken literally): what dropping instances (the objects stay in the image, unlabelled) costs or buys |
+| ratio_R | shapes/acp.yaml, ``ACP.MIX_MODE ratio``, ``ACP.SYNTH_RATIO R`` (0.1, 0.25, 0.5; one seed, ``full``: 3) | synthetic share of the stream |
 
 "random" selection is the unfiltered group (one random candidate per unit, as many images as CLIS keeps), so
 random vs CLIP-only vs CLIS compares three ways of choosing the same number of images from the same candidates.
@@ -69,6 +70,7 @@ HEADLINE = ("baseline", "unfiltered", "filtered")
 DEFAULT_SEEDS = (1, 2)
 FULL_SEEDS = (1, 2, 3)
 RATIOS = (0.1, 0.25, 0.5)
+INSTANCE_THRESHOLDS = (0, 60)
 _KEY_START = re.compile(r",(?=[A-Za-z_][A-Za-z0-9_.]*=)")
 
 
@@ -176,7 +178,8 @@ def _yaml_value(v: Any) -> str:
 
 
 def shapes_grid(paths: DemoPaths, clip_cache: Path, full: bool = False) -> list[RunSpec]:
-    """The default Shapes ablation (module docstring); ``full`` adds a third seed everywhere."""
+    """The default Shapes ablation (module docstring): 12 runs; ``full``: 3 seeds everywhere and both instance
+    threshold groups (24 runs)."""
     seeds = FULL_SEEDS if full else DEFAULT_SEEDS
     cache = json.dumps([str(paths.cache)])
     match = f"{MATCH_PREFIX}filtered"
@@ -189,6 +192,10 @@ def shapes_grid(paths: DemoPaths, clip_cache: Path, full: bool = False) -> list[
                 {"ACP.CACHE_DIRS": json.dumps([str(clip_cache)]), "ACP.MIN_CLIS_I": "0.0", "ACP.MAX_IMAGES": match},
                 seeds),
     ]
+    # the instance threshold at load time over the same selected candidates (filtered is 20); default: 60 only
+    for t in INSTANCE_THRESHOLDS if full else INSTANCE_THRESHOLDS[-1:]:
+        specs.append(RunSpec(f"filtered_min{t}", str(CONFIG_DIR / "acp.yaml"),
+                             {"ACP.CACHE_DIRS": cache, "ACP.MIN_CLIS_I": f"{t}.0"}, seeds if full else seeds[:1]))
     for r in RATIOS:
         specs.append(RunSpec(f"ratio_{r}", str(CONFIG_DIR / "acp.yaml"),
                              {"ACP.CACHE_DIRS": cache, "ACP.MIX_MODE": "ratio", "ACP.SYNTH_RATIO": str(r)},
@@ -268,6 +275,68 @@ def plan(specs: Sequence[RunSpec], out: Path, common: dict[str, str], iters: int
                 r.status = "done"
             runs.append(r)
     return runs
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config dict -> {"A.B.C": value}, tuples as lists (YAML dumps and reloads them so)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def config_changes(run: PlannedRun) -> list[str]:
+    """Keys where a finished run's saved ``config.yaml`` differs from the config it would train with now (its file,
+    the files that file inherits, the overrides); ``OUTPUT_DIR`` and ``@match`` keys (counted again) are not compared.
+    A finished run with changes is stale: its metrics describe another experiment."""
+    import yaml
+
+    saved_path = run.run_dir / "config.yaml"
+    if not saved_path.is_file():
+        return ["config.yaml: missing"]
+    try:
+        saved = _flatten(yaml.safe_load(saved_path.read_text()) or {})
+    except yaml.YAMLError as e:
+        return [f"config.yaml: unreadable ({e})"]
+    skip = {"OUTPUT_DIR"} | {k for k, v in run.overrides.items() if v.startswith(MATCH_PREFIX)}
+    over = {k: v for k, v in run.overrides.items() if not v.startswith(MATCH_PREFIX)}
+    want = _flatten(yaml.safe_load(load_cfg(run.spec.config, {**over, "SEED": str(run.seed)}).dump()))
+    changes = []
+    for k in sorted(set(saved) | set(want)):
+        if k in skip:
+            continue
+        a, b = saved.get(k, "<absent>"), want.get(k, "<absent>")
+        if a != b:
+            changes.append(f"{k}: {a!r} -> {b!r}")
+    return changes
+
+
+def mark_stale(runs: Sequence[PlannedRun], retrain: bool) -> None:
+    """Finished runs whose config changed since they trained: retrained (the old directory moved aside to
+    ``NAME.stale-<time>``) with ``retrain``, else an error that names the run and the keys, before any training."""
+    stale = []
+    for r in runs:
+        if r.status != "done":
+            continue
+        changes = config_changes(r)
+        if changes:
+            stale.append((r, changes))
+    if not stale:
+        return
+    lines = [f"{r.name} ({r.run_dir}): " + "; ".join(c[:5]) + (f"; ... {len(c) - 5} more" if len(c) > 5 else "")
+             for r, c in stale]
+    if not retrain:
+        raise AblationError("finished runs were trained with another config than they would get now:\n  "
+                            + "\n  ".join(lines) + "\nrerun with --retrain-stale to train them again (their "
+                            "directories are moved aside), or restore the configs")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for (r, _), line in zip(stale, lines):
+        r.run_dir.rename(r.run_dir.with_name(f"{r.run_dir.name}.stale-{stamp}"))
+        r.status = "pending"
+        print(f"[ablation] stale, trained again: {line}", flush=True)
 
 
 def resolve_overrides(run: PlannedRun, specs: dict[str, RunSpec], common: dict[str, str]) -> dict[str, str]:
@@ -420,6 +489,11 @@ def write_results(runs: Sequence[PlannedRun], results: Path, command: str, elaps
     done = [r for r in runs if r.status in ("done", "trained")]
     if done:
         make_report([r.run_dir for r in done], results, labels={r.name: r.spec.name for r in done})
+        # the ratio sweep on its own (APr against ACP.SYNTH_RATIO): concat groups carry an unused SYNTH_RATIO that
+        # would otherwise land on the sweep's axis
+        sweep = [r for r in done if _mix_mode(r) == "ratio" or r.spec.name == "baseline"]
+        if len({r.spec.name for r in sweep if r.spec.name != "baseline"}) >= 2:
+            make_report([r.run_dir for r in sweep], results / "ratio_sweep", labels={r.name: r.spec.name for r in sweep})
     groups = group_stats(runs)
     head = headline(groups)
     lines = ["# Long-tail ablation", "", "Command:", "", f"    {command}", "",
@@ -437,6 +511,17 @@ def write_results(runs: Sequence[PlannedRun], results: Path, command: str, elaps
     lines += ["Headline:", "", "```json", json.dumps({k: v for k, v in head.items() if k != "groups"}), "```", ""]
     (results / "ablation.md").write_text("\n".join(lines))
     return head
+
+
+def _mix_mode(run: PlannedRun) -> str | None:
+    """``ACP.MIX_MODE`` of a finished run (from detectron2's config dump), None when ACP is off or unknown."""
+    import yaml
+
+    try:
+        acp = (yaml.safe_load((run.run_dir / "config.yaml").read_text()) or {}).get("ACP") or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    return acp.get("MIX_MODE") if acp.get("ENABLED") else None
 
 
 def _round(v: float | None) -> float | None:
@@ -489,7 +574,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default=None, help="comma-separated seeds for every run (default: the grid's, 1,2)")
     p.add_argument("--iters", type=int, default=None, help="SOLVER.MAX_ITER of every run (warmup: 10 %%)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
-    p.add_argument("--out", default="benchmarks/results/runs", help="run directories (NAME_seedS)")
+    p.add_argument("--out", default="output/ablation/runs",
+                   help="run directories NAME_seedS (checkpoints: kept out of git)")
     p.add_argument("--results", default="benchmarks/results", help="tables, CSVs and plots")
     p.add_argument("--shapes-dir", default="output/demo", help="Shapes inputs (world, priors, judge, caches)")
     p.add_argument("--datasets", default=None,
@@ -501,6 +587,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--train-arg", action="append", default=[], metavar="ARG",
                    help="extra tools/train_net.py argument (repeatable), e.g. --train-arg=--num-gpus=8")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    p.add_argument("--retrain-stale", action="store_true",
+                   help="train finished runs again when their config changed since (default: stop with an error)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--count-synthetic", metavar="CONFIG", default=None,
                    help="print how many synthetic images CONFIG's selection keeps (trailing KEY=VALUE overrides) and "
@@ -552,6 +640,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             specs = shapes_grid(paths, clip, full=args.grid == "full")
             datasets = datasets or str(paths.datasets)
         runs = plan(specs, Path(args.out).absolute(), common, iters, seeds)
+        mark_stale(runs, retrain=args.retrain_stale and not args.dry_run)
         for r in runs:
             print(f"[ablation] {r.name:<24} {r.status:<8} {r.spec.config} "
                   + " ".join(f"{k}={v}" for k, v in r.overrides.items()), flush=True)

@@ -85,15 +85,16 @@ def test_train_args_end_with_seed_and_output_dir(tmp_path):
                     "SEED", "1", "OUTPUT_DIR", str(tmp_path / "acp_seed1")]
 
 
-def _fake_run(run_dir: Path, seed: int, group: str, apr: float, ap: float) -> None:
+def _fake_run(run_dir: Path, seed: int, config: str, apr: float, ap: float, **overrides: str) -> None:
+    """A finished run: metrics.json and the full config.yaml detectron2 saves (the config it would train with)."""
     run_dir.mkdir(parents=True)
     metrics = {t: {"AP": ap, "AP50": None, "AP75": None, "APs": None, "APm": None, "APl": None, "APr": apr,
                    "APc": ap - 1, "APf": ap + 1} for t in ("bbox", "segm")}
     (run_dir / "metrics.json").write_text(json.dumps({**metrics, "dataset": "shapes_val", "iter": 10,
                                                       "config_sha": "x"}))
-    (run_dir / "config.yaml").write_text(yaml.safe_dump({"SEED": seed, "OUTPUT_DIR": str(run_dir),
-                                                         "ACP": {"ENABLED": group != "baseline", "SELECT": group},
-                                                         "INPUT": {"MASK_FORMAT": "polygon"}}))
+    cfg = abl.load_cfg(config, {**{k.replace("__", "."): v for k, v in overrides.items()}, "SEED": str(seed),
+                                "OUTPUT_DIR": str(run_dir)})
+    (run_dir / "config.yaml").write_text(cfg.dump())
 
 
 def test_resumed_ablation_trains_nothing_and_reports(tmp_path, capsys):
@@ -101,7 +102,8 @@ def test_resumed_ablation_trains_nothing_and_reports(tmp_path, capsys):
     values = {"baseline": (1.0, 3.0), "unfiltered": (10.0, 14.0), "filtered": (16.0, 17.0)}
     for group, aprs in values.items():
         for seed, apr in zip((1, 2), aprs):
-            _fake_run(runs_dir / f"{group}_seed{seed}", seed, group, apr, 20.0 + seed)
+            _fake_run(runs_dir / f"{group}_seed{seed}", seed,
+                      f"configs/shapes/{'baseline' if group == 'baseline' else 'acp'}.yaml", apr, 20.0 + seed)
     argv = [f"--run={g}=configs/shapes/{'baseline' if g == 'baseline' else 'acp'}.yaml" for g in values]
     argv += ["--seeds", "1,2", "--out", str(runs_dir), "--results", str(results), "--no-progress"]
     assert abl.main(argv) == 0
@@ -118,3 +120,45 @@ def test_resumed_ablation_trains_nothing_and_reports(tmp_path, capsys):
     md = (results / "ablation.md").read_text()
     assert "| filtered | 1,2 | 21.5 ± 0.7 | 16.5 ± 0.7 |" in md and "--seeds 1,2" in md
     assert (results / "report.md").is_file() and (results / "ap_groups_segm.png").is_file()
+
+
+def test_ratio_sweep_gets_its_own_report(tmp_path, capsys):
+    runs_dir, results = tmp_path / "runs", tmp_path / "results"
+    _fake_run(runs_dir / "baseline_seed1", 1, "configs/shapes/baseline.yaml", 1.0, 20.0)
+    _fake_run(runs_dir / "filtered_seed1", 1, "configs/shapes/acp.yaml", 15.0, 21.0)  # concat: SYNTH_RATIO unused
+    for r, apr in ((0.1, 6.0), (0.5, 12.0)):
+        _fake_run(runs_dir / f"ratio_{r}_seed1", 1, "configs/shapes/acp.yaml", apr, 20.0, ACP__MIX_MODE="ratio",
+                  ACP__SYNTH_RATIO=str(r))
+    argv = ["--run=baseline=configs/shapes/baseline.yaml", "--run=filtered=configs/shapes/acp.yaml",
+            "--run=ratio_0.1=configs/shapes/acp.yaml:ACP.MIX_MODE=ratio,ACP.SYNTH_RATIO=0.1",
+            "--run=ratio_0.5=configs/shapes/acp.yaml:ACP.MIX_MODE=ratio,ACP.SYNTH_RATIO=0.5",
+            "--seeds", "1", "--out", str(runs_dir), "--results", str(results), "--no-progress"]
+    assert abl.main(argv) == 0
+    head = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert head["apr_filtered"] == 15.0 and head["apr_unfiltered"] is None and head["apr_std"] == 0.0
+    sweep = json.loads((results / "ratio_sweep" / "summary.json").read_text())
+    assert set(sweep) == {"baseline", "ratio_0.1", "ratio_0.5"}  # the concat group stays out of the sweep
+    assert (results / "ratio_sweep" / "apr_sweep.png").is_file()
+
+
+def test_finished_runs_with_another_config_are_stale(tmp_path, capsys):
+    runs_dir = tmp_path / "runs"
+    _fake_run(runs_dir / "acp_seed1", 1, "configs/shapes/acp.yaml", 15.0, 21.0, ACP__MIN_CLIS_I="60.0")
+    _fake_run(runs_dir / "base_seed1", 1, "configs/shapes/baseline.yaml", 1.0, 20.0)
+    # the runs now ask for another instance threshold and, through a @match key, a count that is not compared
+    argv = ["--run=base=configs/shapes/baseline.yaml",
+            "--run=acp=configs/shapes/acp.yaml:ACP.MIN_CLIS_I=20.0,ACP.MAX_IMAGES=@match:base",
+            "--seeds", "1", "--out", str(runs_dir), "--results", str(tmp_path / "results"), "--no-progress"]
+    assert abl.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "acp_seed1" in err and "ACP.MIN_CLIS_I: 60.0 -> 20.0" in err and "--retrain-stale" in err
+    assert "base_seed1" not in err and "MAX_IMAGES" not in err
+
+    specs = [abl.RunSpec("base", "configs/shapes/baseline.yaml", {}, (1,)),
+             abl.RunSpec("acp", "configs/shapes/acp.yaml", {"ACP.MIN_CLIS_I": "20.0"}, (1,))]
+    runs = abl.plan(specs, runs_dir, {}, None)
+    abl.mark_stale(runs, retrain=True)
+    assert [r.status for r in runs] == ["done", "pending"]
+    moved = [p.name for p in runs_dir.iterdir() if p.name.startswith("acp_seed1.stale-")]
+    assert len(moved) == 1 and not (runs_dir / "acp_seed1").exists()
+    assert "stale, trained again: acp_seed1" in capsys.readouterr().out

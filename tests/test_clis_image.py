@@ -113,6 +113,22 @@ def test_clip_negative_captions_and_options(tiny_clip):
         ClipScorer(ctx(), model="local-dir:/nonexistent/dir")
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_clip_input_dtype_follows_low_precision_towers(tiny_clip, dtype):
+    """open_clip's fp16/bf16 precision casts conv/linear weights only (the class embedding stays float32): the images
+    must be cast to the patch embedding's dtype, not the first parameter's (a CUDA-only crash before)."""
+    import open_clip
+    import torch
+
+    from acp_data.clis.image import _image_input_dtype
+
+    model, _, _ = open_clip.create_model_and_transforms(tiny_clip)
+    assert _image_input_dtype(model) == torch.float32
+    open_clip.model.convert_weights_to_lp(model, dtype=getattr(torch, dtype))
+    assert next(model.parameters()).dtype == torch.float32  # what the scorer used to cast to
+    assert _image_input_dtype(model) == getattr(torch, dtype)
+
+
 # ----- vlm against the stub -----------------------------------------------------------------------------------------
 def _image_of(url):
     from PIL import Image

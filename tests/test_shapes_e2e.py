@@ -73,6 +73,18 @@ def test_demo_end_to_end_then_everything_reused(tmp_path, capsys, monkeypatch):
                                                "ACP.MIN_CLIS_I": "0.0", "SEED": "42"})
     assert count_synthetic(cfg) == acp_run["synthetic_images"]
 
+    # the judge calibration redraws every cached candidate with the generator's truth: one row per cached instance
+    import judge_calibration
+
+    from acp_data.cache.reader import CacheReader
+
+    assert judge_calibration.main(["--cache", str(out / "cache"), "--thresholds", "0,101"]) == 0
+    calib = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert calib["instances"] == CacheReader(out / "cache").num_instances() > 0
+    at0, at101 = calib["by_threshold"]["all"]
+    assert at0["ok_kept"] == 1.0 and at0["ok"] + at0["failed"] == calib["instances"]
+    assert at101["ok_kept"] == 0.0 and at101["ok_dropped"] == at0["ok"]
+
     # second run: world, priors, judge, cache and both trainings are reused
     stamps = {p: p.stat().st_mtime_ns for p in (out / "priors.npz", out / "judge" / "open_clip_model.safetensors",
                                                  out / "runs" / "acp" / "metrics.json")}

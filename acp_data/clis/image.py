@@ -109,6 +109,19 @@ def _check_options(options: dict[str, Any], defaults: dict[str, Any], scorer: st
     return opts
 
 
+def _image_input_dtype(model: Any) -> Any:
+    """The dtype an open_clip image tower takes: that of its first conv/linear weight. open_clip's ``fp16``/``bf16``
+    precision casts only conv/linear weights and projections (embeddings, LayerNorms and ``logit_scale`` stay float32),
+    so the model's first parameter is float32 while the patch embedding wants half precision."""
+    import torch
+
+    visual = getattr(model, "visual", model)
+    for m in visual.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            return m.weight.dtype
+    return next(model.parameters()).dtype
+
+
 # ----- clip ---------------------------------------------------------------------------------------------------------
 class ClipScorer(ImageScorer):
     """CLIS-I with an open_clip model (pretrained tag, ``hf-hub:``, ``local-dir:`` or a directory).
@@ -158,7 +171,7 @@ class ClipScorer(ImageScorer):
         self.mean = np.asarray(pp["mean"], dtype=np.float32)
         self.std = np.asarray(pp["std"], dtype=np.float32)
         self._fill = tuple(int(round(255 * m)) for m in self.mean)
-        self._dtype = next(self.model.parameters()).dtype
+        self._dtype = _image_input_dtype(self.model)
         with torch.no_grad():
             self.logit_scale = float(self.model.logit_scale.exp().clamp(max=100).item())
         self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()
