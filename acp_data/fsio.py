@@ -3,10 +3,11 @@ in the target directory, fsync, rename, fsync the directory. A crash leaves the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -25,6 +26,30 @@ def fsync_dir(path: str | os.PathLike) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def write_synced(path: str | os.PathLike, data: bytes) -> None:
+    """Write and fsync one file inside a temporary directory that is published later by renaming the directory."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def build_lock(target: str | os.PathLike) -> Iterator[None]:
+    """Exclusive lock for building ``target`` (the sibling file ``.NAME.lock``), so concurrent builders build it once:
+    the second waits, then finds it built."""
+    import fcntl
+
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def tmp_name(path: str | os.PathLike) -> Path:

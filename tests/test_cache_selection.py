@@ -52,6 +52,20 @@ def test_select_modes():
     assert sorted(units) == [0, 1, 2]
 
 
+def test_warns_when_only_selected_candidates_are_stored(caplog):
+    only_selected = columns([[{"cand": 2, "selected": True, "cats": [1]}], [{"cand": 0, "selected": True, "cats": [2]}]])
+    for mode in ("random", "first", "all"):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="acp_data.cache.selection"):
+            res = select(only_selected, Selection(select=mode, min_clis_i=0.0))
+        assert rows(res) == [0, 1] and "keep: all" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="acp_data.cache.selection"):
+        select(only_selected, Selection(select="clis", min_clis_i=0.0))
+        select(columns([three(1), three(0)]), Selection(select="random", min_clis_i=0.0))  # every candidate stored
+    assert "keep: all" not in caplog.text
+
+
 def test_random_is_uniform_and_seeded():
     idx = columns([three() for _ in range(3000)])
     a = select(idx, Selection(select="random", seed=1, min_clis_i=0.0))

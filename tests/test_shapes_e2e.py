@@ -80,7 +80,7 @@ def test_demo_end_to_end_then_everything_reused(tmp_path, capsys, monkeypatch):
 
     assert judge_calibration.main(["--cache", str(out / "cache"), "--thresholds", "0,101"]) == 0
     calib = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert calib["instances"] == CacheReader(out / "cache").num_instances() > 0
+    assert calib["instances"] == CacheReader(out / "cache").num_instances > 0
     at0, at101 = calib["by_threshold"]["all"]
     assert at0["ok_kept"] == 1.0 and at0["ok"] + at0["failed"] == calib["instances"]
     assert at101["ok_kept"] == 0.0 and at101["ok_dropped"] == at0["ok"]

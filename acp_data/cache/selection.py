@@ -229,6 +229,10 @@ def select(readers: CacheReader | IndexColumns | Sequence[CacheReader | IndexCol
     stats["units"] = int(len(np.unique(kh[keep]))) if n else 0
 
     # 2. candidates per unit
+    if sel.select != "clis" and n and stats["units"] == int(keep.sum()) and cat["selected"][keep].astype(bool).all():
+        logger.warning("ACP.SELECT %r on caches that hold only each unit's selected candidate (built with `keep: "
+                       "selected`?): it picks the same images as 'clis'. Random, first-candidate or unfiltered "
+                       "comparisons need a cache built with `keep: all`.", sel.select)
     if sel.select == "clis":
         keep &= cat["selected"].astype(bool)
     elif sel.select == "first":

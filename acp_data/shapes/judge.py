@@ -14,7 +14,6 @@ Training takes a few CPU minutes and is cached: ``judge.json`` in the output dir
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -22,13 +21,13 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..fsio import build_lock
 from .judge_data import (
     Instances,
     augment_batch,
@@ -305,19 +304,6 @@ def evaluate_judge(model: Any, tokenizer: Any, inst: Instances, context: float =
 
 
 # ----- cache and files --------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _dir_lock(target: Path) -> Iterator[None]:
-    import fcntl
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _params(world_root: Path, opts: JudgeOptions) -> dict[str, Any]:
     ws = load_world(world_root).stamp_data()
     return {"format": STAMP_FORMAT, "version": JUDGE_VERSION, "model_cfg": MODEL_CFG,
@@ -347,7 +333,7 @@ def train_judge(world_dir: str | os.PathLike, out_dir: str | os.PathLike, opts: 
     world = load_world(world_dir)
     out = Path(out_dir).absolute()
     params = _params(world.root, opts)
-    with _dir_lock(out):
+    with build_lock(out):
         stamp = _read_stamp(out)
         if (not force and stamp is not None and {k: stamp.get(k) for k in params} == json.loads(json.dumps(params))
                 and (out / "open_clip_model.safetensors").is_file()):

@@ -9,15 +9,13 @@ noise. A build is cached: ``world.json`` holds the build parameters and a rebuil
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import io
 import json
 import logging
 import os
 import shutil
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..categories import CategoryTable, frequency_from_count, normalize_name
+from ..fsio import build_lock, fsync_dir, write_synced
 from .render import APPEARANCES, SHAPES, Appearance
 
 logger = logging.getLogger(__name__)
@@ -213,33 +212,6 @@ def load_world(root: str | os.PathLike) -> WorldPaths:
     return paths
 
 
-@contextlib.contextmanager
-def _dir_lock(target: Path) -> Iterator[None]:
-    """Exclusive lock for building ``target`` (a sibling lock file), so concurrent builders build once."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def build_world(out_dir: str | os.PathLike, seed: int = 0, size: str = "demo", force: bool = False,
                 progress: bool = True) -> WorldPaths:
     """Build (or reuse) the Shapes world under ``out_dir``: ``train.json``, ``val.json``, ``train/``, ``val/`` and the
@@ -247,7 +219,7 @@ def build_world(out_dir: str | os.PathLike, seed: int = 0, size: str = "demo", f
     that replaces ``out_dir`` in one rename; an existing directory is replaced only if it is empty or a world."""
     root = Path(out_dir).absolute()
     params = _build_params(seed, size)
-    with _dir_lock(root):
+    with build_lock(root):
         if not force and _is_current(root, params):
             logger.info("Shapes world at %s is up to date (seed %d, size %s)", root, seed, size)
             return world_paths(root)
@@ -266,7 +238,7 @@ def build_world(out_dir: str | os.PathLike, seed: int = 0, size: str = "demo", f
                 old = root.parent / f".{root.name}.old-{uuid.uuid4().hex[:8]}"
                 os.rename(root, old)
             os.rename(tmp, root)
-            _fsync_dir(root.parent)
+            fsync_dir(root.parent)
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
         finally:
@@ -335,7 +307,7 @@ def _build_into(tmp: Path, params: dict[str, Any], progress: bool = True) -> Non
             img, masks = render_real_image(rng, [(by_id[c].shape, by_id[c].colour) for c in objs], height, width)
             image_id += 1
             fname = f"{split}/{image_id:012d}.jpg"
-            _write_file(tmp / fname, _jpeg_bytes(img))
+            write_synced(tmp / fname, _jpeg_bytes(img))
             present = sorted(set(objs))
             images.append({"id": image_id, "width": width, "height": height, "file_name": fname, "coco_url": fname,
                            "neg_category_ids": [c.id for c in categories if c.id not in present],
@@ -352,12 +324,12 @@ def _build_into(tmp: Path, params: dict[str, Any], progress: bool = True) -> Non
                     "area": float(len(xs)), "segmentation": mask_to_polygons(m),
                 })
         data = _split_json(split, params, categories, images, annotations)
-        _write_file(tmp / f"{split}.json", json.dumps(data, separators=(",", ":")).encode())
+        write_synced(tmp / f"{split}.json", json.dumps(data, separators=(",", ":")).encode())
         summary[split] = {"images": len(images), "annotations": len(annotations)}
-    _fsync_dir(tmp / "train")
-    _fsync_dir(tmp / "val")
+    fsync_dir(tmp / "train")
+    fsync_dir(tmp / "val")
     stamp = {**params, "summary": summary,
              "groups": {g: sum(1 for c in categories if c.frequency == g) for g in ("r", "c", "f")},
              "categories": [asdict(c) for c in categories]}
-    _write_file(tmp / STAMP_NAME, json.dumps(stamp, indent=1).encode())  # last: its presence marks a whole build
-    _fsync_dir(tmp)
+    write_synced(tmp / STAMP_NAME, json.dumps(stamp, indent=1).encode())  # last: its presence marks a whole build
+    fsync_dir(tmp)
