@@ -212,13 +212,14 @@ def write_plots(groups: Sequence[Group], out: Path) -> list[Path]:
             for g in groups:
                 mean, std, _ = g.stats(t, m)
                 means.append(0.0 if mean is None else mean)
-                stds.append(0.0 if std is None else std)
+                # no error bar for a single run (a zero-length bar would read as "no seed spread")
+                stds.append(float("nan") if std is None or len(g.runs) < 2 else std)
             xs = [i + (j - (len(METRICS) - 1) / 2) * width for i in range(len(groups))]
-            top = max([top, *(a + b for a, b in zip(means, stds))])
+            top = max([top, *(a + (0.0 if b != b else b) for a, b in zip(means, stds))])
             bars = ax.bar(xs, means, width, yerr=stds, capsize=3, label=m)
             ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
         ax.set_xticks(range(len(groups)))
-        ax.set_xticklabels([g.label for g in groups], rotation=15, ha="right", fontsize=8)
+        ax.set_xticklabels([f"{g.label} (n={len(g.runs)})" for g in groups], rotation=15, ha="right", fontsize=8)
         ax.set_ylabel(f"{'mask' if t == 'segm' else 'box'} AP (%)")
         ax.set_title(f"AP by frequency group ({t}; mean ± std over seeds)")
         ax.set_ylim(0, max(top, 1.0) * 1.25)  # head room for the legend and bar labels
@@ -235,7 +236,8 @@ def write_plots(groups: Sequence[Group], out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6, 4))
         for m in ("APr", "AP"):
             ms = [g.stats("segm", m) for _, g in pts]
-            ax.errorbar([x for x, _ in pts], [s[0] or 0.0 for s in ms], yerr=[s[1] or 0.0 for s in ms],
+            errs = [float("nan") if s[1] is None or len(g.runs) < 2 else s[1] for s, (_, g) in zip(ms, pts)]
+            ax.errorbar([x for x, _ in pts], [s[0] or 0.0 for s in ms], yerr=errs,
                         marker="o", capsize=3, label=f"{m} (segm)")
         base = [g for g in groups if not g.runs[0].config.get("ACP.ENABLED")]
         if base:
