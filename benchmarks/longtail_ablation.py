@@ -4,6 +4,7 @@
     python benchmarks/longtail_ablation.py                        # the default Shapes grid (about 75 min, 2 cores)
     python benchmarks/longtail_ablation.py --grid full            # 3 seeds everywhere, + instance thresholds 0, 60
     python benchmarks/longtail_ablation.py --grid my_grid.yaml    # any configs (e.g. the LVIS ones)
+    python benchmarks/longtail_ablation.py --also mine=configs/shapes/acp.yaml:ACP.MIN_CLIS_I=0.0   # grid + a group
     python benchmarks/longtail_ablation.py --run base=configs/lvis_baseline_12ep.yaml \\
         --run acp=configs/acp_lvis.yaml:ACP.MIN_CLIS_I=50,ACP.MAX_IMAGES=20000 --seeds 1,2 --train-arg=--num-gpus=8
     python benchmarks/longtail_ablation.py --count-synthetic configs/shapes/acp.yaml [KEY=VALUE ...]
@@ -571,6 +572,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", default=None, help="'default' or 'full' (the Shapes grids) or a YAML grid file")
     p.add_argument("--run", action="append", default=[], metavar="NAME=CONFIG[:KEY=VAL,...]",
                    help="a run group (repeatable); replaces the default grid")
+    p.add_argument("--also", action="append", default=[], metavar="NAME=CONFIG[:KEY=VAL,...]",
+                   help="a run group added to the grid (repeatable)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds for every run (default: the grid's, 1,2)")
     p.add_argument("--iters", type=int, default=None, help="SOLVER.MAX_ITER of every run (warmup: 10 %%)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
@@ -639,6 +642,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 paths, clip = prepare_shapes(shapes, not args.no_progress)
             specs = shapes_grid(paths, clip, full=args.grid == "full")
             datasets = datasets or str(paths.datasets)
+        specs += [parse_run(r, seeds or DEFAULT_SEEDS) for r in args.also]
         runs = plan(specs, Path(args.out).absolute(), common, iters, seeds)
         mark_stale(runs, retrain=args.retrain_stale and not args.dry_run)
         for r in runs:

@@ -162,3 +162,12 @@ def test_finished_runs_with_another_config_are_stale(tmp_path, capsys):
     moved = [p.name for p in runs_dir.iterdir() if p.name.startswith("acp_seed1.stale-")]
     assert len(moved) == 1 and not (runs_dir / "acp_seed1").exists()
     assert "stale, trained again: acp_seed1" in capsys.readouterr().out
+
+
+def test_also_adds_groups_to_the_default_grid(tmp_path, capsys):
+    argv = ["--dry-run", "--also", "mine=configs/shapes/acp.yaml:ACP.MIN_CLIS_I=0.0", "--out", str(tmp_path / "runs"),
+            "--shapes-dir", str(tmp_path / "shapes"), "--no-progress"]
+    assert abl.main(argv) == 0
+    planned = [line.split()[1] for line in capsys.readouterr().out.splitlines() if line.startswith("[ablation]")]
+    assert planned[:2] == ["baseline_seed1", "baseline_seed2"] and planned[-2:] == ["mine_seed1", "mine_seed2"]
+    assert "filtered_min60_seed1" in planned and "filtered_min60_seed2" not in planned and len(planned) == 14
