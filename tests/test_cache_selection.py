@@ -66,6 +66,20 @@ def test_warns_when_only_selected_candidates_are_stored(caplog):
     assert "keep: all" not in caplog.text
 
 
+def test_warns_when_the_threshold_empties_a_category(caplog):
+    good = [[{"cats": [1, 2], "selected": True, "clis": [90.0, 80.0]}] for _ in range(30)]
+    low = [[{"cats": [3], "selected": True, "clis": [5.0 if u % 10 else 70.0]}] for u in range(20)]
+    idx = columns(good + low)
+    with caplog.at_level("WARNING", logger="acp_data.cache.selection"):
+        res = select(idx, Selection(min_clis_i=60.0))
+    assert res.stats["starved_categories"] == 1 and "id 3 (2/20)" in caplog.text and "id 1" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="acp_data.cache.selection"):
+        assert select(idx, Selection(min_clis_i=0.0)).stats["starved_categories"] == 0
+        assert select(columns(low[:5]), Selection(min_clis_i=60.0)).stats["starved_categories"] == 0  # < 10 seen
+    assert "keeps under a quarter" not in caplog.text
+
+
 def test_random_is_uniform_and_seeded():
     idx = columns([three() for _ in range(3000)])
     a = select(idx, Selection(select="random", seed=1, min_clis_i=0.0))

@@ -195,6 +195,32 @@ class IndexColumns:
         return len(self.columns["inst_category_id"])
 
 
+def _warn_starved(cids: np.ndarray, considered: np.ndarray, kept: np.ndarray, min_clis_i: float,
+                  categories: Any) -> int:
+    """Warn about categories the instance threshold nearly empties (>= 10 instances considered, under a quarter kept
+    and under half the overall kept share): their scorer scores even good instances low, so the threshold removes
+    their synthetic data rather than its failures. Returns how many categories were named."""
+    if not considered.any():
+        return 0
+    c = cids.astype(np.int64).clip(0)
+    n_con = np.bincount(c[considered], minlength=int(c.max()) + 1)
+    n_kept = np.bincount(c[kept], minlength=len(n_con))
+    overall = n_kept.sum() / max(n_con.sum(), 1)
+    share = n_kept / np.maximum(n_con, 1)
+    bad = np.flatnonzero((n_con >= 10) & (share < 0.25) & (share < 0.5 * overall))
+    if len(bad):
+        def name(i: int) -> str:
+            try:
+                return f"{categories[int(i)].name} ({n_kept[i]}/{n_con[i]})"
+            except Exception:  # an IndexColumns without a table, or an id outside it
+                return f"id {int(i)} ({n_kept[i]}/{n_con[i]})"
+        logger.warning("MIN_CLIS_I %g keeps under a quarter of the instances of %d categor%s (kept/considered; %.0f%% "
+                       "overall): %s. The scorer rates even good instances of these low; check them in `acp-data "
+                       "inspect` and consider a lower threshold or another scorer.", min_clis_i, len(bad),
+                       "y" if len(bad) == 1 else "ies", 100 * overall, ", ".join(name(i) for i in bad[:10]))
+    return int(len(bad))
+
+
 def select(readers: CacheReader | IndexColumns | Sequence[CacheReader | IndexColumns],
            selection: Selection | None = None, return_masks: bool = False) -> SelectionResult:
     """Apply ``selection`` (default: ``Selection()``) to the caches; see the module docstring for the rules."""
@@ -251,6 +277,8 @@ def select(readers: CacheReader | IndexColumns | Sequence[CacheReader | IndexCol
     considered = int(inst_keep.sum())
     inst_keep &= _passes(cat["inst_clis_i"], sel.min_clis_i)
     stats["dropped_min_clis_i"] = considered - int(inst_keep.sum())
+    stats["starved_categories"] = _warn_starved(cat["inst_category_id"], keep[inst_sample], inst_keep, sel.min_clis_i,
+                                                getattr(readers[0], "categories", None) if readers else None)
     if sel.category_ids is not None:
         before = int(inst_keep.sum())
         cids = cat["inst_category_id"].astype(np.int64)
