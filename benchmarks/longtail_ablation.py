@@ -498,7 +498,8 @@ def write_results(runs: Sequence[PlannedRun], results: Path, command: str, elaps
     groups = group_stats(runs)
     head = headline(groups)
     lines = ["# Long-tail ablation", "", "Command:", "", f"    {command}", "",
-             f"{len(done)} of {len(runs)} runs have metrics; this invocation took {elapsed_s / 60:.1f} min.", ""]
+             f"{len(done)} of {len(runs)} runs have metrics ({sum(r.status == 'trained' for r in runs)} trained by this "
+             f"invocation, the others found finished); this invocation took {elapsed_s / 60:.1f} min.", ""]
     for t, title in (("segm", "mask"), ("bbox", "box")):
         lines += [f"## {title} AP ({t}), mean ± std over seeds", "", "| group | seeds | AP | APr | APc | APf |",
                   "|---|---|---|---|---|---|"]
@@ -506,7 +507,8 @@ def write_results(runs: Sequence[PlannedRun], results: Path, command: str, elaps
             cells = []
             for k in METRICS:
                 mean, std = g.get(f"{t}_{k}_mean"), g.get(f"{t}_{k}_std")
-                cells.append("n/a" if mean is None else f"{mean:.1f} ± {std:.1f}")
+                # one seed: no spread to show (a "± 0.0" would read as a measured spread)
+                cells.append("n/a" if mean is None else f"{mean:.1f}" if len(g["seeds"]) < 2 else f"{mean:.1f} ± {std:.1f}")
             lines.append(f"| {name} | {','.join(map(str, g['seeds']))} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["Headline:", "", "```json", json.dumps({k: v for k, v in head.items() if k != "groups"}), "```", ""]

@@ -139,6 +139,9 @@ def test_ratio_sweep_gets_its_own_report(tmp_path, capsys):
     sweep = json.loads((results / "ratio_sweep" / "summary.json").read_text())
     assert set(sweep) == {"baseline", "ratio_0.1", "ratio_0.5"}  # the concat group stays out of the sweep
     assert (results / "ratio_sweep" / "apr_sweep.png").is_file()
+    md = (results / "ablation.md").read_text()
+    assert "| ratio_0.1 | 1 | 20.0 | 6.0 | 19.0 | 21.0 |" in md  # one seed: no "± 0.0"
+    assert "4 trained by this invocation" not in md and "0 trained by this invocation" in md
 
 
 def test_finished_runs_with_another_config_are_stale(tmp_path, capsys):
