@@ -234,19 +234,18 @@ def write_plots(groups: Sequence[Group], out: Path) -> list[Path]:
     if sweep:
         key, pts = sweep
         fig, ax = plt.subplots(figsize=(6, 4))
+        base = [g for g in groups if not g.runs[0].config.get("ACP.ENABLED")]
         for m in ("APr", "AP"):
             ms = [g.stats("segm", m) for _, g in pts]
             errs = [float("nan") if s[1] is None or len(g.runs) < 2 else s[1] for s, (_, g) in zip(ms, pts)]
-            ax.errorbar([x for x, _ in pts], [s[0] or 0.0 for s in ms], yerr=errs,
-                        marker="o", capsize=3, label=f"{m} (segm)")
-        base = [g for g in groups if not g.runs[0].config.get("ACP.ENABLED")]
-        if base:
-            mean, _, _ = base[0].stats("segm", "APr")
-            if mean is not None:
-                ax.axhline(mean, color="gray", ls="--", label="APr baseline")
+            line = ax.errorbar([x for x, _ in pts], [s[0] or 0.0 for s in ms], yerr=errs,
+                               marker="o", capsize=3, label=f"{m} (segm)")
+            mean = base[0].stats("segm", m)[0] if base else None
+            if mean is not None:  # the real-only run, in the same colour
+                ax.axhline(mean, color=line.lines[0].get_color(), ls="--", alpha=0.7, label=f"{m} baseline")
         ax.set_xlabel(key)
         ax.set_ylabel("mask AP (%)")
-        ax.set_title(f"APr against {key}")
+        ax.set_title(f"APr and AP against {key} (segm)")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         fig.tight_layout()
