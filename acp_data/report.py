@@ -188,6 +188,8 @@ def _sweep_axis(groups: Sequence[Group]) -> tuple[str, list[tuple[float, Group]]
         for g in groups:
             if not g.runs[0].config.get("ACP.ENABLED"):
                 continue
+            if key == "ACP.SYNTH_RATIO" and g.runs[0].config.get("ACP.MIX_MODE") != "ratio":
+                continue  # concat mode ignores SYNTH_RATIO: its runs are not points of a ratio sweep
             v = g.varying.get(key)
             if isinstance(v, (int, float)):
                 pts.append((float(v), g))

@@ -12,7 +12,8 @@ import yaml
 from acp_data.report import ReportError, make_report
 
 
-def _run(root: Path, name: str, seed: int, enabled: bool, apr: float, ratio: float = 0.5, fmt: str = "polygon") -> Path:
+def _run(root: Path, name: str, seed: int, enabled: bool, apr: float, ratio: float = 0.5, fmt: str = "polygon",
+         mode: str = "ratio") -> Path:
     d = root / name
     d.mkdir(parents=True)
     seg = {"AP": 20.0 + seed, "AP50": 1.0, "AP75": 1.0, "APs": None, "APm": 1.0, "APl": 1.0,
@@ -20,7 +21,7 @@ def _run(root: Path, name: str, seed: int, enabled: bool, apr: float, ratio: flo
     (d / "metrics.json").write_text(json.dumps({"bbox": seg, "segm": seg, "dataset": "x", "iter": 10,
                                                 "config_sha": "abc"}))
     cfg = {"SEED": seed, "OUTPUT_DIR": str(d), "INPUT": {"MASK_FORMAT": fmt},
-           "ACP": {"ENABLED": enabled, "SYNTH_RATIO": ratio}}
+           "ACP": {"ENABLED": enabled, "SYNTH_RATIO": ratio, "MIX_MODE": mode}}
     (d / "config.yaml").write_text(yaml.safe_dump(cfg))
     return d
 
@@ -46,6 +47,16 @@ def test_groups_mean_std_tables_and_plots(tmp_path: Path) -> None:
     for name in ("ap_groups_segm.png", "ap_groups_bbox.png", "apr_sweep.png"):
         assert (out / name).stat().st_size > 5000
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_concat_runs_are_not_points_of_a_ratio_sweep(tmp_path: Path) -> None:
+    runs = [_run(tmp_path, "baseline_seed0", 0, False, 1.0),
+            _run(tmp_path, "acp_seed0", 0, True, 15.0, ratio=0.5, mode="concat"),  # SYNTH_RATIO unused in concat
+            _run(tmp_path, "ratio_0.1_seed0", 0, True, 10.0, ratio=0.1)]
+    make_report(runs, tmp_path / "one")
+    assert not (tmp_path / "one" / "apr_sweep.png").exists()  # one ratio point is no sweep
+    make_report([*runs, _run(tmp_path, "ratio_0.25_seed0", 0, True, 12.0, ratio=0.25)], tmp_path / "two")
+    assert (tmp_path / "two" / "apr_sweep.png").is_file()
 
 
 def test_mixed_mask_formats_rejected(tmp_path: Path) -> None:
