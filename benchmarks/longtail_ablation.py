@@ -490,11 +490,6 @@ def write_results(runs: Sequence[PlannedRun], results: Path, command: str, elaps
     done = [r for r in runs if r.status in ("done", "trained")]
     if done:
         make_report([r.run_dir for r in done], results, labels={r.name: r.spec.name for r in done})
-        # the ratio sweep on its own (APr against ACP.SYNTH_RATIO): concat groups carry an unused SYNTH_RATIO that
-        # would otherwise land on the sweep's axis
-        sweep = [r for r in done if _mix_mode(r) == "ratio" or r.spec.name == "baseline"]
-        if len({r.spec.name for r in sweep if r.spec.name != "baseline"}) >= 2:
-            make_report([r.run_dir for r in sweep], results / "ratio_sweep", labels={r.name: r.spec.name for r in sweep})
     groups = group_stats(runs)
     head = headline(groups)
     lines = ["# Long-tail ablation", "", "Command:", "", f"    {command}", "",
@@ -514,17 +509,6 @@ def write_results(runs: Sequence[PlannedRun], results: Path, command: str, elaps
     lines += ["Headline:", "", "```json", json.dumps({k: v for k, v in head.items() if k != "groups"}), "```", ""]
     (results / "ablation.md").write_text("\n".join(lines))
     return head
-
-
-def _mix_mode(run: PlannedRun) -> str | None:
-    """``ACP.MIX_MODE`` of a finished run (from detectron2's config dump), None when ACP is off or unknown."""
-    import yaml
-
-    try:
-        acp = (yaml.safe_load((run.run_dir / "config.yaml").read_text()) or {}).get("ACP") or {}
-    except (OSError, yaml.YAMLError):
-        return None
-    return acp.get("MIX_MODE") if acp.get("ENABLED") else None
 
 
 def _round(v: float | None) -> float | None:
