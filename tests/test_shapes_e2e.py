@@ -85,6 +85,16 @@ def test_demo_end_to_end_then_everything_reused(tmp_path, capsys, monkeypatch):
     assert at0["ok_kept"] == 1.0 and at0["ok"] + at0["failed"] == calib["instances"]
     assert at101["ok_kept"] == 0.0 and at101["ok_dropped"] == at0["ok"]
 
+    # per-category AP of the rare categories, from each run's saved detections: their mean is the run's APr
+    import per_category_ap
+
+    runs = [str(out / "runs" / r) for r in ("baseline", "acp")]
+    assert per_category_ap.main(["--gt", str(out / "datasets" / "shapes" / "val.json"), *runs]) == 0
+    per_cat = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for r in ("baseline", "acp"):
+        aps = [v for v in per_cat["runs"][r].values() if v is not None]
+        assert aps and abs(sum(aps) / len(aps) - summary["metrics"][r]["segm"]["APr"]) < 0.1
+
     # second run: world, priors, judge, cache and both trainings are reused
     stamps = {p: p.stat().st_mtime_ns for p in (out / "priors.npz", out / "judge" / "open_clip_model.safetensors",
                                                  out / "runs" / "acp" / "metrics.json")}
