@@ -209,10 +209,12 @@ def _warn_starved(cids: np.ndarray, considered: np.ndarray, kept: np.ndarray, mi
     share = n_kept / np.maximum(n_con, 1)
     bad = np.flatnonzero((n_con >= 10) & (share < 0.25) & (share < 0.5 * overall))
     if len(bad):
+        from ..categories import CategoryError
+
         def name(i: int) -> str:
             try:
                 return f"{categories[int(i)].name} ({n_kept[i]}/{n_con[i]})"
-            except Exception:  # an IndexColumns without a table, or an id outside it
+            except (TypeError, CategoryError):  # IndexColumns carry no table; an id outside the table
                 return f"id {int(i)} ({n_kept[i]}/{n_con[i]})"
         logger.warning("MIN_CLIS_I %g keeps under a quarter of the instances of %d categor%s (kept/considered; %.0f%% "
                        "overall): %s. The scorer rates even good instances of these low; check them in `acp-data "
