@@ -63,12 +63,13 @@ class Group:
         return mean, std, len(vals)
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A loaded ``config.yaml`` as ``{"ACP.MIN_CLIS_I": value}``, lists as tuples (hashable, comparable)."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
+            out.update(flatten_config(v, key + "."))
         else:
             out[key] = tuple(v) if isinstance(v, list) else v
     return out
@@ -89,7 +90,7 @@ def load_run(path: str | os.PathLike) -> Run:
     config: dict[str, Any] = {}
     cfile = p / "config.yaml"
     if cfile.is_file():
-        config = _flatten(yaml.safe_load(cfile.read_text()) or {})
+        config = flatten_config(yaml.safe_load(cfile.read_text()) or {})
     return Run(path=p, name=p.name, metrics=metrics, config=config)
 
 

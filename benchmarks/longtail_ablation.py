@@ -278,33 +278,24 @@ def plan(specs: Sequence[RunSpec], out: Path, common: dict[str, str], iters: int
     return runs
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested config dict -> {"A.B.C": value}, tuples as lists (YAML dumps and reloads them so)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
-    return out
-
-
 def config_changes(run: PlannedRun) -> list[str]:
     """Keys where a finished run's saved ``config.yaml`` differs from the config it would train with now (its file,
     the files that file inherits, the overrides); ``OUTPUT_DIR`` and ``@match`` keys (counted again) are not compared.
     A finished run with changes is stale: its metrics describe another experiment."""
     import yaml
 
+    from acp_data.report import flatten_config
+
     saved_path = run.run_dir / "config.yaml"
     if not saved_path.is_file():
         return ["config.yaml: missing"]
     try:
-        saved = _flatten(yaml.safe_load(saved_path.read_text()) or {})
+        saved = flatten_config(yaml.safe_load(saved_path.read_text()) or {})
     except yaml.YAMLError as e:
         return [f"config.yaml: unreadable ({e})"]
     skip = {"OUTPUT_DIR"} | {k for k, v in run.overrides.items() if v.startswith(MATCH_PREFIX)}
     over = {k: v for k, v in run.overrides.items() if not v.startswith(MATCH_PREFIX)}
-    want = _flatten(yaml.safe_load(load_cfg(run.spec.config, {**over, "SEED": str(run.seed)}).dump()))
+    want = flatten_config(yaml.safe_load(load_cfg(run.spec.config, {**over, "SEED": str(run.seed)}).dump()))
     changes = []
     for k in sorted(set(saved) | set(want)):
         if k in skip:
