@@ -13,8 +13,6 @@ can be traced to the categories that moved. Prints a markdown table by run and o
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import sys
 from pathlib import Path
@@ -25,13 +23,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def category_ap(gt: object, detections: Path, iou_type: str, cat_ids: list[int]) -> dict[int, float | None]:
-    from lvis import LVISEval, LVISResults
+def category_ap(lvis_gt: object, detections: Path, iou_type: str, cat_ids: list[int]) -> dict[int, float | None]:
+    """AP (percent) of each of ``cat_ids``, from the same lvis-api evaluation ``metrics.json`` comes from."""
+    from acp_data.d2.evaluation import load_checked, run_lvis_eval
 
-    with contextlib.redirect_stdout(io.StringIO()):
-        res = LVISResults(gt, str(detections), max_dets=300)
-        ev = LVISEval(gt, res, iou_type)
-        ev.run()
+    _, dets = load_checked(lvis_gt, detections)
+    ev = run_lvis_eval(lvis_gt, dets, iou_type)
     prec = ev.eval["precision"]  # (IoU thresholds, recall points, categories, area ranges)
     out: dict[int, float | None] = {}
     for k, cid in enumerate(ev.params.cat_ids):
@@ -50,13 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iou-type", default="segm", choices=("segm", "bbox"))
     args = p.parse_args(argv)
 
-    from acp_data.d2.evaluation import _numpy_float_shim
+    from acp_data.d2.evaluation import _numpy_float_shim, load_lvis_gt
 
     _numpy_float_shim()
-    from lvis import LVIS
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = LVIS(args.gt)
+    gt = load_lvis_gt(args.gt)
     cats = {c["id"]: c["name"] for c in gt.dataset["categories"] if c.get("frequency") == args.group}
     if not cats:
         raise SystemExit(f"per_category_ap: {args.gt} has no categories of frequency {args.group!r}")

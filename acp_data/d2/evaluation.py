@@ -154,6 +154,40 @@ def _to_percent(v: float) -> float | None:
     return None if v < 0 or math.isnan(v) else v * 100.0
 
 
+def run_lvis_eval(lvis_gt: Any, dets: list[dict[str, Any]], task: str, max_dets: int = LVIS_MAX_DETS):
+    """One lvis-api evaluation of checked detections (``_check_results``) on an ``LVIS`` ground truth; returns the
+    ``LVISEval`` after ``run()`` (its ``eval["precision"]`` holds per-category curves). As in detectron2, segm drops
+    the boxes so APs/APm/APl use mask areas, and at most ``max_dets`` per image are kept."""
+    from lvis import LVISEval, LVISResults
+
+    if task not in TASKS:
+        raise EvaluationError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    task_dets = copy.deepcopy(dets)
+    if task == "segm":
+        if any("segmentation" not in d for d in task_dets):
+            raise EvaluationError("segm evaluation needs a 'segmentation' (RLE) in every detection")
+        for d in task_dets:
+            d.pop("bbox", None)
+    elif any("bbox" not in d for d in task_dets):
+        raise EvaluationError("bbox evaluation needs a 'bbox' in every detection")
+    with _quiet_lvis():
+        dt = LVISResults(lvis_gt, task_dets, max_dets=max_dets) if task_dets else _empty_results(lvis_gt)
+    ev = LVISEval(lvis_gt, dt, task)
+    ev.params.max_dets = max_dets
+    ev.run()
+    return ev
+
+
+def load_checked(gt_json: str | os.PathLike | dict[str, Any] | Any,
+                 results: str | os.PathLike | Sequence[dict[str, Any]]) -> tuple[Any, list[dict[str, Any]]]:
+    """The ground truth as an ``LVIS`` and the detections, checked against it (ids, required keys)."""
+    _numpy_float_shim()
+    lvis_gt = load_lvis_gt(gt_json)
+    dets = _load_results(results)
+    _check_results(lvis_gt, dets)
+    return lvis_gt, dets
+
+
 def evaluate_lvis_results(
     gt_json: str | os.PathLike | dict[str, Any] | Any,
     results: str | os.PathLike | Sequence[dict[str, Any]],
@@ -163,35 +197,15 @@ def evaluate_lvis_results(
     """lvis-api's numbers for LVIS-format detections: ``{task: {metric: percent or None}}``.
 
     ``results`` is a list of ``{"image_id", "category_id" (json id), "score", "bbox" (XYWH), "segmentation" (RLE)}``
-    or a path to such a json. ``tasks`` defaults to bbox, plus segm when any result has a segmentation. As in
-    detectron2, segm drops the boxes so APs/APm/APl use mask areas, and at most ``max_dets`` per image are kept.
+    or a path to such a json. ``tasks`` defaults to bbox, plus segm when any result has a segmentation. Each task
+    runs through ``run_lvis_eval``.
     """
-    from lvis import LVISEval, LVISResults
-
-    _numpy_float_shim()
-    lvis_gt = load_lvis_gt(gt_json)
-    dets = _load_results(results)
-    _check_results(lvis_gt, dets)
+    lvis_gt, dets = load_checked(gt_json, results)
     if tasks is None:
         tasks = ("bbox", "segm") if any("segmentation" in d for d in dets) else ("bbox",)
     out: dict[str, dict[str, float | None]] = OrderedDict()
     for task in tasks:
-        if task not in TASKS:
-            raise EvaluationError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-        task_dets = copy.deepcopy(dets)
-        if task == "segm":
-            if any("segmentation" not in d for d in task_dets):
-                raise EvaluationError("segm evaluation needs a 'segmentation' (RLE) in every detection")
-            for d in task_dets:
-                d.pop("bbox", None)
-        elif any("bbox" not in d for d in task_dets):
-            raise EvaluationError("bbox evaluation needs a 'bbox' in every detection")
-        with _quiet_lvis():
-            dt = LVISResults(lvis_gt, task_dets, max_dets=max_dets) if task_dets else _empty_results(lvis_gt)
-        ev = LVISEval(lvis_gt, dt, task)
-        ev.params.max_dets = max_dets
-        ev.run()
-        res = ev.get_results()
+        res = run_lvis_eval(lvis_gt, dets, task, max_dets).get_results()
         out[task] = OrderedDict((m, _to_percent(res[m])) for m in METRICS)
     return out
 
