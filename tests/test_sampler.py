@@ -19,13 +19,11 @@ from acp_data.d2.sampler import (
     RatioSampler,
     SampleRef,
     SynthPool,
-    derive_key,
     describe_concat_factors,
     image_repeat_factors,
     take_stream,
-    uniform,
-    uniform_scalar,
 )
+from acp_data.rng import derive_key, uniform, uniform_scalar
 
 REAL_CATS = [[0, 1], [1], [1, 2], [2], [2], [2, 3], [3], [3], [3], [3]]
 SYN_CATS = [[0], [0, 4], [4], [1]]
@@ -213,3 +211,10 @@ def test_zero_one_two_workers_give_the_same_stream(make):
         streams.append([d["ref"] for b in batches for d in b])
     assert streams[0] == streams[1] == streams[2]
     assert [r[0] for r in streams[0]] == list(range(48))
+
+
+def test_epoch_stream_refuses_factors_below_one():
+    # factors >= 1 are what make every epoch non-empty (each image at least once)
+    for bad in ([1.0, 0.5], [1.0, float("nan")]):
+        with pytest.raises(ValueError, match="repeat factors must be >= 1"):
+            EpochStream(np.array(bad), key=5)

@@ -1,6 +1,6 @@
 """Load-time selection over the index, vectorised (no Python loop over samples).
 
-Order of the rules (design.md, ``ACP.*``):
+Order of the rules (the ``ACP.*`` keys of docs/design.md "detectron2 integration (contract)"):
 1. duplicates of a ``(key, candidate_idx)`` (the same cache listed twice, two writers on one rank) keep one copy;
 2. ``select`` picks candidates per work unit (units are grouped by generation key): ``clis`` the stored ``selected``
    flag, ``random`` one candidate per unit drawn from a hash of ``(seed, key)``, ``first`` the lowest stored
@@ -21,6 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..rng import GOLDEN
+from ..rng import mix64_array as mix64
+
 if TYPE_CHECKING:
     from ..categories import CategoryTable
     from .reader import CacheReader
@@ -28,20 +31,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SELECT_MODES = ("clis", "random", "first", "all")
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-
-
-def mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser, vectorised over uint64 (wrapping arithmetic)."""
-    x = np.asarray(x, dtype=np.uint64).copy()
-    x ^= x >> np.uint64(30)
-    x *= _M1
-    x ^= x >> np.uint64(27)
-    x *= _M2
-    x ^= x >> np.uint64(31)
-    return x
+_GOLDEN = np.uint64(GOLDEN)
 
 
 def _seeded(seed: int, salt: int) -> np.uint64:

@@ -28,11 +28,10 @@ import torch.utils.data as torchdata
 
 from ..categories import GROUP_NAMES, CategoryError, CategoryTable
 from ..fsio import atomic_write_json
+from ..rng import TAG_AUG, TAG_PASTE, derive_key
 from .sampler import (
     REAL,
     SOURCE_NAMES,
-    TAG_AUG,
-    TAG_PASTE,
     ConcatSampler,
     ImageCategories,
     MixSampler,
@@ -40,7 +39,6 @@ from .sampler import (
     RatioSampler,
     SampleRef,
     SynthPool,
-    derive_key,
     describe_concat_factors,
     image_repeat_factors,
 )

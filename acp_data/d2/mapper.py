@@ -25,6 +25,7 @@ from detectron2.data import DatasetMapper
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
+from ..rng import TAG_PASTE, derive_key
 from .paste import (
     SOURCE_REAL,
     SOURCE_SYNTHETIC,
@@ -36,7 +37,6 @@ from .paste import (
     plan_pastes,
     target_size,
 )
-from .sampler import TAG_PASTE, derive_key
 
 logger = logging.getLogger(__name__)
 

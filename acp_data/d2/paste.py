@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..masks import mask_polygon_arrays
-from .sampler import uniform
+from ..rng import uniform
 
 SOURCE_REAL, SOURCE_PASTED, SOURCE_SYNTHETIC = 0, 1, 2
 

@@ -1,6 +1,6 @@
 """Counter-based, infinite training samplers that mix real and synthetic images (``concat`` and ``ratio`` modes).
 
-Every random choice is a hash of ``(SEED, global position, ...)`` (splitmix64 over uint64, vectorised in chunks), so
+Every random choice is a hash of ``(SEED, global position, ...)`` (:mod:`acp_data.rng`, vectorised in chunks), so
 the stream is a pure function of the seed and the synthetic pool: the same for any number of dataloader workers,
 and rank ``r`` of ``W`` takes ``islice(global_stream, r, None, W)`` exactly as detectron2's ``TrainingSampler``.
 The sampler yields :class:`SampleRef` items ``(position, source, index, version)``; the dataset wrapper
@@ -24,77 +24,31 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch.utils.data as torchdata
 
+from ..rng import (
+    TAG_PERM,
+    TAG_RETRY,
+    TAG_ROUND,
+    TAG_SEGMENT,
+    TAG_SOURCE,
+    TAG_SYNTH_CAT,
+    TAG_SYNTH_PICK,
+    derive_key,
+    philox,
+    uniform,
+    uniform_scalar,
+)
+
 logger = logging.getLogger(__name__)
 
 REAL, SYNTH = 0, 1
 SOURCE_NAMES = {REAL: "real", SYNTH: "synthetic"}
-
-# ----- counter-based hashing ---------------------------------------------------------------------------------------
-_MASK64 = (1 << 64) - 1
-_GOLDEN = 0x9E3779B97F4A7C15
-_M1 = 0xBF58476D1CE4E5B9
-_M2 = 0x94D049BB133111EB
-
-# Stream tags: each kind of random choice hashes under its own tag so that no two choices share bits.
-TAG_SOURCE = 1
-TAG_SYNTH_PICK = 2
-TAG_SYNTH_CAT = 3
-TAG_ROUND = 4
-TAG_PERM = 5
-TAG_RETRY = 6
-TAG_PASTE = 7
-TAG_AUG = 8
-TAG_SEGMENT = 9
-
-
-def mix64(x: int) -> int:
-    """splitmix64's finaliser on a Python int (a bijection of uint64 with full avalanche)."""
-    x &= _MASK64
-    x = ((x ^ (x >> 30)) * _M1) & _MASK64
-    x = ((x ^ (x >> 27)) * _M2) & _MASK64
-    return x ^ (x >> 31)
-
-
-def derive_key(*words: int) -> int:
-    """A 64-bit key from a sequence of integers (seed, tag, position, attempt, ...); order matters."""
-    k = 0x6A09E667F3BCC909
-    for w in words:
-        k = mix64((k + _GOLDEN) ^ mix64(int(w) & _MASK64))
-    return k
-
-
-def hash_u64(key: int, counters: np.ndarray | Sequence[int]) -> np.ndarray:
-    """splitmix64 outputs ``mix(key + (c + 1) * golden)`` for each counter ``c`` (uint64 array, vectorised)."""
-    c = np.asarray(counters, dtype=np.uint64).reshape(-1)
-    with np.errstate(over="ignore"):
-        x = np.uint64(key) + (c + np.uint64(1)) * np.uint64(_GOLDEN)
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(_M1)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(_M2)
-        return x ^ (x >> np.uint64(31))
-
-
-def uniform(key: int, counters: np.ndarray | Sequence[int]) -> np.ndarray:
-    """Uniform float64 in [0, 1) for each counter, 53 random bits each."""
-    return (hash_u64(key, counters) >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
-
-
-def uniform_scalar(key: int, counter: int = 0) -> float:
-    """The scalar version of :func:`uniform` (same value for the same key and counter)."""
-    x = mix64((key + (counter + 1) * _GOLDEN) & _MASK64)
-    return (x >> 11) * (1.0 / (1 << 53))
-
-
-def philox(key: int) -> np.random.Generator:
-    """A numpy Generator on a counter-based Philox bit generator keyed by a 64-bit hash."""
-    return np.random.Generator(np.random.Philox(key=key & _MASK64))
-
 
 # ----- image -> categories ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -214,6 +168,9 @@ class EpochStream:
         f = np.asarray(factors, dtype=np.float64)
         if f.ndim != 1 or f.size == 0:
             raise ValueError("EpochStream needs a non-empty 1-D array of repeat factors")
+        if not (f >= 1.0).all():  # also NaN; factors >= 1 give every image at least one copy per epoch
+            raise ValueError(f"repeat factors must be >= 1 (as detectron2's RepeatFactorTrainingSampler's), got "
+                             f"minimum {f.min()}")
         self._int = np.floor(f).astype(np.int64)
         self._frac = f - self._int
         self._has_frac = bool((self._frac > 0).any())
@@ -227,9 +184,7 @@ class EpochStream:
         if self._has_frac:
             u = uniform(derive_key(self._key, TAG_ROUND, epoch), np.arange(self._int.size))
             reps = reps + (u < self._frac)
-        idx = np.repeat(np.arange(self._int.size, dtype=np.int64), reps)
-        if idx.size == 0:  # every factor rounded to 0 is impossible (factors >= 1), kept for safety
-            idx = np.arange(self._int.size, dtype=np.int64)
+        idx = np.repeat(np.arange(self._int.size, dtype=np.int64), reps)  # non-empty: every factor >= 1
         return idx[philox(derive_key(self._key, TAG_PERM, epoch)).permutation(idx.size)]
 
     def take(self, n: int) -> np.ndarray:
