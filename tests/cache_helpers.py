@@ -1,5 +1,5 @@
 """Reusable fake samples for cache tests: real images with the instances drawn in them, exact masks and real
-compressed RLE, records in the layout of design.md "A sample".
+compressed RLE, records in the layout of docs/design.md "A sample".
 
     cats = make_categories()
     record, jpeg = make_sample(unit=0, cand=0, cats=cats, rng=np.random.default_rng(0))

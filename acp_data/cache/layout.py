@@ -1,5 +1,5 @@
-"""Paths, names and errors of the cache layout (design.md "Cache format"), and the crash-safe file primitives every
-cache module writes through (temp name, fsync, rename, fsync the directory).
+"""Paths, names and errors of the cache layout (docs/design.md "Cache format (contract)"), and the crash-safe file
+primitives every cache module writes through (temp name, fsync, rename, fsync the directory).
 
 ```
 <cache>/manifest.json

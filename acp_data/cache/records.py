@@ -1,6 +1,6 @@
-"""Sample records (design.md "A sample"): validation on write, the JSON bytes stored in a shard, and the per-sample
-index entry derived from a record (the same function serves the writer, orphan re-indexing and verify, so an index
-rebuilt from a shard is identical to the one written with it).
+"""Sample records (docs/design.md "A sample"): validation on write, the JSON bytes stored in a shard, and the
+per-sample index entry derived from a record (the same function serves the writer, orphan re-indexing and verify, so
+an index rebuilt from a shard is identical to the one written with it).
 
 Record fields: ``key`` (generation key of the work unit), ``unit``, ``candidate_idx``, ``seed``, ``scene_graph``,
 ``width``, ``height``, ``clis_l``, ``clis_i``, ``selected``, ``provenance``, ``instances``; each instance has
