@@ -1,11 +1,19 @@
-"""``add_acp_config(cfg)`` adds every ``ACP.*`` key of design.md with its default; ``validate_acp_config(cfg)`` rejects
-bad values with a message naming the key and the value, before any data or model is built."""
+"""``add_acp_config(cfg)`` adds every ``ACP.*`` key of docs/design.md "detectron2 integration (contract)" with its
+default; ``validate_acp_config(cfg)`` rejects bad values with a message naming the key and the value, before any data
+or model is built; ``load_cfg(file, opts)`` is the one config loader of ``tools/train_net.py``, the demo and the
+ablation driver (file lookup, ``KEY VALUE`` overrides, validation)."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from detectron2.config import CfgNode as CN
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONFIG_DIR = REPO_ROOT / "configs"  # a bare --config name is looked up here
 
 MIX_MODES = ("ratio", "concat", "paste", "ratio+paste")
 SELECTORS = ("clis", "random", "first", "all")
@@ -15,7 +23,7 @@ MASK_FORMATS = ("polygon", "bitmask")
 
 
 class ConfigError(ValueError):
-    """A config value that cannot work; the message names the key and the value."""
+    """A config file, override or value that cannot work; the message names the file, the key and the value."""
 
 
 def add_acp_config(cfg: CN) -> CN:
@@ -149,3 +157,34 @@ def get_acp_cfg() -> CN:
     from detectron2.config import get_cfg
 
     return add_acp_config(get_cfg())
+
+
+def resolve_config_file(name: str) -> str:
+    """A path as given, else relative to the checkout, else a file of that name under ``configs/`` (``.yaml``
+    optional)."""
+    for cand in (Path(name), REPO_ROOT / name, CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"):
+        if cand.is_file():
+            return str(cand)
+    available = ", ".join(sorted(str(p.relative_to(CONFIG_DIR)) for p in CONFIG_DIR.rglob("*.yaml")))
+    raise ConfigError(f"config file {name!r} not found (looked in {os.getcwd()} and {CONFIG_DIR}); "
+                      f"configs/ has: {available}")
+
+
+def load_cfg(path: str, opts: Sequence[str] = ()) -> CN:
+    """``add_acp_config(get_cfg())`` + the config file ``path`` (as found by :func:`resolve_config_file`) + trailing
+    ``KEY VALUE`` overrides; values validated. Every failure is a ``ConfigError`` naming the file or the override."""
+    opts = list(opts)
+    cfg = get_acp_cfg()
+    try:
+        cfg.merge_from_file(path)
+    except Exception as e:  # yaml errors, unknown keys, type mismatches: all name the file
+        raise ConfigError(f"config file {path}: {type(e).__name__}: {e}") from e
+    try:
+        cfg.merge_from_list(opts)
+    except Exception as e:
+        raise ConfigError(f"command-line override {' '.join(opts)!r}: {type(e).__name__}: {e}") from e
+    try:
+        validate_acp_config(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{e} (config {path}{' + command-line overrides' if opts else ''})") from e
+    return cfg
