@@ -124,12 +124,12 @@ def _common_prefix_label(names: list[str]) -> str:
 
 def check_mask_formats(runs: Sequence[Run]) -> str | None:
     """Baseline and ACP runs of one comparison must use one mask format; returns it (None if unknown)."""
-    formats = {r.config.get("INPUT.MASK_FORMAT") for r in runs if r.config}
-    formats.discard(None)
-    if len(formats) > 1:
-        detail = ", ".join(f"{r.name}: {r.config.get('INPUT.MASK_FORMAT')}" for r in runs)
-        raise ReportError(f"runs use different INPUT.MASK_FORMAT values ({detail}); compare runs trained alike")
-    return formats.pop() if formats else None
+    from .d2.runfile import same_mask_format
+
+    try:
+        return same_mask_format({str(r.path): r.config.get("INPUT.MASK_FORMAT") for r in runs if r.config})
+    except ValueError as e:
+        raise ReportError(str(e)) from None
 
 
 def _fmt(mean: float | None, std: float | None, n: int) -> str:

@@ -151,7 +151,7 @@ def test_unsupported_sampler(world, tmp_path):
 
 
 def test_mixed_mask_formats_are_refused(world, tmp_path):
-    from acp_data.d2.loader import check_same_mask_format, read_mask_format
+    from acp_data.d2.runfile import check_same_mask_format, read_mask_format
 
     acp_poly = tmp_path / "acp_poly"
     _build(world_cfg(world, acp_poly, "ratio", SYNTH_RATIO=0.5))

@@ -73,7 +73,7 @@ def test_every_mix_mode_trains_then_evaluates(world, tmp_path):
     assert doc["segm"]["AP"] is not None and doc["bbox"]["AP"] is not None
 
     # the comparison guard sees the two mask formats
-    from acp_data.d2.loader import check_same_mask_format
+    from acp_data.d2.runfile import check_same_mask_format
 
     assert check_same_mask_format([outs["concat"], outs["ratio"], outs["paste"]]) == "polygon"
     with pytest.raises(ValueError, match="same INPUT.MASK_FORMAT"):

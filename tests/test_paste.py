@@ -38,7 +38,7 @@ def _placement(cat, x0, y0, mask, colour):
 
 def _full_mask(a: Annot) -> np.ndarray:
     """The final mask of an instance on the whole canvas."""
-    if a.touched:
+    if a.occluded:
         m = np.zeros((H, W), bool)
         m[a.y0:a.y0 + a.local.shape[0], a.x0:a.x0 + a.local.shape[1]] = a.local
         return m
@@ -82,7 +82,7 @@ def test_pasted_masks_show_pasted_pixels_and_boxes_contain_masks(seed):
         ys, xs = np.nonzero(m)
         x0, y0, x1, y1 = a.box
         assert x0 <= xs.min() and xs.max() + 1 <= x1 and y0 <= ys.min() and ys.max() + 1 <= y1
-        if a.touched:  # recomputed boxes are tight
+        if a.occluded:  # recomputed boxes are tight
             assert (x0, y0, x1, y1) == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
     # no two final masks overlap where a later paste lies on top of an earlier object
     masks = [_full_mask(a) for a in out if a.source == SOURCE_PASTED]
@@ -100,7 +100,7 @@ def test_fully_covered_object_is_dropped():
     cats = sorted(a.category_id for a in out)
     assert cats == [2, 7]
     untouched = next(a for a in out if a.category_id == 2)
-    assert not untouched.touched and untouched.box.tolist() == [100, 60, 120, 90]
+    assert not untouched.occluded and untouched.box.tolist() == [100, 60, 120, 90]
 
 
 def test_partly_covered_object_gets_box_from_remaining_mask():
@@ -110,7 +110,7 @@ def test_partly_covered_object_gets_box_from_remaining_mask():
     out = paste_instances(image, annots, [_placement(7, 30, 0, cover, (0, 255, 0))],
                           min_visible_frac=0.25, min_visible_pixels=1)
     a = next(a for a in out if a.category_id == 1)
-    assert a.source == SOURCE_REAL and a.touched
+    assert a.source == SOURCE_REAL and a.occluded
     assert a.box.tolist() == [10, 10, 30, 50]
     assert int(_full_mask(a).sum()) == 20 * 40
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch.utils.data
 
 from ..cache.layout import BrokenSampleError, CacheError
-from ..cache.reader import CacheReader, decode_image, open_caches
+from ..cache.reader import CacheReader, open_caches
 from ..cache.selection import Selection, SelectionResult, select, stable_image_id
 from ..categories import CategoryError, CategoryTable
 
@@ -40,7 +40,7 @@ class SyntheticDataset(torch.utils.data.Dataset):
     of key and candidate), ``height``, ``width``, ``annotations`` (``category_id`` contiguous = id - 1, ``bbox`` from
     the mask or the layout per ``box_mode``, ``bbox_mode`` XYWH_ABS, ``segmentation`` compressed RLE, ``iscrowd`` 0,
     ``acp_clis_i``), ``acp_source = (cache_index, row)`` and, with ``include_image_bytes``, ``acp_image_bytes`` (the
-    encoded image, checksum-verified, from the same read as the record; decode with ``decode_image``).
+    encoded image, checksum-verified, from the same read as the record; the mapper decodes it).
     """
 
     def __init__(self, caches: Sequence[str | os.PathLike | CacheReader] | str | os.PathLike,
@@ -223,8 +223,3 @@ def register_acp_synthetic(name: str, cache_dirs: Sequence[str | os.PathLike] | 
         acp_real_dataset=real_dataset_name,
     )
     return full
-
-
-def decode(d: dict[str, Any]) -> np.ndarray:
-    """Decoded RGB image of a dict made with ``include_image_bytes`` (``BrokenSampleError`` if it fails)."""
-    return decode_image(d["acp_image_bytes"])

@@ -10,12 +10,12 @@ detectron2's ``MapDataset`` retry with a random index of the whole dataset.
 At start the loader checks, with one clear error each: the sampler is supported, the cache's CategoryTable matches
 the real dataset's, synthetic samples survive the load-time selection (which filter removed what), paste mode has a
 non-empty crop store; then it writes ``OUTPUT_DIR/acp_run.json`` (mask format, mix mode, counts, effective synthetic
-fraction), which :func:`check_same_mask_format` reads to refuse comparing runs trained with different mask formats.
+fraction), which :func:`acp_data.d2.runfile.check_same_mask_format` reads to refuse comparing runs trained with
+different mask formats.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -29,6 +29,7 @@ import torch.utils.data as torchdata
 from ..categories import GROUP_NAMES, CategoryError, CategoryTable
 from ..fsio import atomic_write_json
 from ..rng import TAG_AUG, TAG_PASTE, derive_key
+from .runfile import RUN_FILE
 from .sampler import (
     REAL,
     SOURCE_NAMES,
@@ -45,7 +46,6 @@ from .sampler import (
 
 logger = logging.getLogger(__name__)
 
-RUN_FILE = "acp_run.json"
 SUPPORTED_SAMPLERS = ("TrainingSampler", "RepeatFactorTrainingSampler")
 
 
@@ -240,40 +240,6 @@ def build_paste_source(cfg: Any, selection: Any, table: CategoryTable) -> Any:
             logger.warning("the priors %s have no boxes of %d pasted categories (%s); those use ACP.PASTE.SCALE_RANGE",
                            cfg.ACP.PRIORS, len(missing), ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else ""))
     return PasteSource(stores, ids, stats)
-
-
-# ----- mask format record ----------------------------------------------------------------------------------------------
-def read_mask_format(run_dir: str | os.PathLike) -> str:
-    """A run's mask format: from ``acp_run.json`` (ACP runs), else from detectron2's ``config.yaml`` dump
-    (``INPUT.MASK_FORMAT``, detectron2's default ``polygon`` when absent)."""
-    run_dir = Path(run_dir)
-    acp = run_dir / RUN_FILE
-    if acp.is_file():
-        try:
-            return str(json.loads(acp.read_text())["mask_format"])
-        except (OSError, ValueError, KeyError) as e:
-            raise ValueError(f"{acp} has no readable mask_format: {e}") from e
-    cfg = run_dir / "config.yaml"
-    if cfg.is_file():
-        import yaml
-
-        try:
-            doc = yaml.safe_load(cfg.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"{cfg} cannot be parsed: {e}") from e
-        return str(((doc.get("INPUT") or {}).get("MASK_FORMAT")) or "polygon")
-    raise ValueError(f"{run_dir} has neither {RUN_FILE} nor config.yaml: not a training output directory")
-
-
-def check_same_mask_format(run_dirs: Sequence[str | os.PathLike]) -> str:
-    """The common ``INPUT.MASK_FORMAT`` of runs to be compared; ``ValueError`` listing each run's format otherwise
-    (polygon and bitmask training differ in mask targets, so such runs are not comparable)."""
-    formats = {str(d): read_mask_format(d) for d in run_dirs}
-    if len(set(formats.values())) > 1:
-        listing = ", ".join(f"{d}: {f}" for d, f in formats.items())
-        raise ValueError(f"runs of one comparison must use the same INPUT.MASK_FORMAT; found {listing}. Retrain with "
-                         "one mask format")
-    return next(iter(formats.values()), "polygon")
 
 
 # ----- the loader -----------------------------------------------------------------------------------------------------

@@ -38,16 +38,12 @@ class Annot:
     x0: int = 0
     y0: int = 0
     area0: int = 0  # visible pixels before the first occlusion
-    occluded: bool = False  # a paste removed some of its pixels (pasted instances count as occluded: no original)
+    # its mask and box come from ``local``: a paste removed some of its pixels, or it is itself pasted (no original)
+    occluded: bool = False
 
     @property
     def materialised(self) -> bool:
         return self.local is not None
-
-    @property
-    def touched(self) -> bool:
-        """Whether its mask and box come from ``local`` (pasted, or occluded by a later paste)."""
-        return self.occluded
 
     def region(self, height: int, width: int) -> tuple[int, int, int, int]:
         """Integer pixel region ``(x0, y0, x1, y1)`` (exclusive end) holding the whole mask, clipped to the image."""
@@ -197,10 +193,11 @@ def paste_instances(image: np.ndarray, annots: list[Annot], placements: list[Pla
 
 
 def finalize_occluded(annots: list[Annot], *, min_visible_frac: float, min_visible_pixels: int) -> list[Annot]:
-    """Drop touched instances with too little left; give the rest their tight box and a trimmed local mask."""
+    """Drop occluded (and pasted) instances with too little left; give the rest their tight box and a trimmed local
+    mask."""
     out = []
     for a in annots:
-        if not a.touched:
+        if not a.occluded:
             out.append(a)
             continue
         vis = int(np.count_nonzero(a.local))
@@ -221,8 +218,8 @@ def local_mask_to_polygons(mask: np.ndarray, x0: int = 0, y0: int = 0) -> list[n
 
 
 def annots_to_d2(annots: list[Annot], image_shape: tuple[int, int], mask_format: str) -> list[dict[str, Any]]:
-    """detectron2 annotation dicts (XYXY_ABS boxes) for ``annotations_to_instances``: untouched instances keep their
-    segmentation; touched ones become polygons (holes joined by slits) or a full-canvas bitmask."""
+    """detectron2 annotation dicts (XYXY_ABS boxes) for ``annotations_to_instances``: instances no paste covered keep
+    their segmentation; occluded and pasted ones become polygons (holes joined by slits) or a full-canvas bitmask."""
     from detectron2.structures import BoxMode
 
     h, w = image_shape
@@ -230,7 +227,7 @@ def annots_to_d2(annots: list[Annot], image_shape: tuple[int, int], mask_format:
     for a in annots:
         d = dict(a.extra)
         d.update(bbox=np.asarray(a.box, dtype=np.float64), bbox_mode=BoxMode.XYXY_ABS, category_id=int(a.category_id))
-        if a.touched:
+        if a.occluded:
             if mask_format == "polygon":
                 d["segmentation"] = local_mask_to_polygons(a.local, a.x0, a.y0)
             else:
