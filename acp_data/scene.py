@@ -2,7 +2,7 @@
 
 Objects carry ``name-k`` ids (``dog-1``; multi-word names use underscores: ``red_star-2``), a category id and
 attributes; relations link subject ids to object ids with a phrase; depth layers group ids; the caption tags objects
-as ``dog(dog-1)``; layout boxes are normalised XYWH with a top-left origin. This module is the only place that converts
+as ``dog(dog-1)`` (one tag may list several ids: ``two dogs(dog-1, dog-2)``); layout boxes are normalised XYWH with a top-left origin. This module is the only place that converts
 layout boxes to the absolute XYXY a generator or segmenter needs.
 """
 
@@ -35,11 +35,14 @@ REJECTION_REASONS = (
 REPAIR_CLIP_BOX = "clip_box"
 REPAIR_NORMALIZE_ID = "normalize_id"
 
-# A box may overshoot the image by at most this fraction of its own side and still be clipped instead of rejected.
+# A box edge may lie outside the image by at most this fraction of the image side (normalised units: x >= -0.1,
+# x + w <= 1.1, same for y) and is then clipped to the image; an edge farther out rejects the box. Measured against
+# the image, not the box: a small box and a large one get the same slack.
 MAX_OVERSHOOT = 0.10
 DEPTH_LAYERS = ("Immediate Foreground", "Foreground", "Midground", "Background")
 
 _ID_RE = re.compile(r"^(?P<name>[a-z0-9_()'.&/+:,\-]+?)-(?P<k>\d+)$")
+_TAG_RE = re.compile(r"\(([^()]+)\)")
 
 
 def normalize_object_id(oid: str) -> str:
@@ -49,6 +52,13 @@ def normalize_object_id(oid: str) -> str:
 
 def object_id(name: str, k: int) -> str:
     return normalize_object_id(f"{name}-{k}")
+
+
+def caption_tags(caption: str) -> set[str]:
+    """The (normalised) ids tagged in a caption: ``"two dogs(dog-1, Dog-2) and a cat(cat-3)"`` ->
+    ``{"dog-1", "dog-2", "cat-3"}``."""
+    return {normalize_object_id(t) for m in _TAG_RE.finditer(caption or "") for t in m.group(1).split(",")
+            if t.strip()}
 
 
 def object_name(oid: str) -> str:
@@ -216,9 +226,9 @@ class SceneGraph:
                     v.add(UNKNOWN_RELATION_ID, f"layer {layer!r} names unknown object {oid}")
         if check_caption and self.caption:
             cap = self.caption.lower()
-            tagged = "(" in cap
+            tags = caption_tags(cap) if "(" in cap else None
             for o in self.objects:
-                present = f"({o.id})" in cap if tagged else o.name.lower() in cap
+                present = o.id in tags if tags is not None else o.name.lower() in cap
                 if not present:
                     v.add(CAPTION_MISSING_OBJECT, f"caption does not mention {o.id}")
         elif check_caption:
@@ -227,8 +237,8 @@ class SceneGraph:
 
     def repair(self) -> tuple[SceneGraph, Counter]:
         """Apply safe repairs and count them: normalise ids (case, spaces) everywhere they appear, and clip boxes
-        that overshoot the image by at most ``MAX_OVERSHOOT`` of their own side. Anything worse is left for
-        ``validate`` to reject."""
+        whose edges lie at most ``MAX_OVERSHOOT`` (a fraction of the image side) outside the image. Anything worse is
+        left for ``validate`` to reject."""
         repairs: Counter = Counter()
         mapping: dict[str, str] = {}
         objs = []
@@ -260,16 +270,18 @@ class SceneGraph:
 
 
 def _clip_box(box: Sequence[float]) -> tuple[float, float, float, float] | None:
-    """Clip a normalised XYWH box to [0, 1] if it overshoots by at most MAX_OVERSHOOT of its side, else None."""
+    """Clip a normalised XYWH box to [0, 1] when no edge lies more than MAX_OVERSHOOT (of the image side) outside
+    the image and something is left of it; else None (the box is rejected as it is)."""
     x, y, w, h = (float(v) for v in box)
     x0, y0, x1, y1 = x, y, x + w, y + h
-    over_x = max(0.0, -x0) + max(0.0, x1 - 1.0)
-    over_y = max(0.0, -y0) + max(0.0, y1 - 1.0)
-    if over_x == 0 and over_y == 0:
+    if x0 >= 0 and y0 >= 0 and x1 <= 1 and y1 <= 1:
         return (x, y, w, h)
-    if over_x > MAX_OVERSHOOT * w + 1e-12 or over_y > MAX_OVERSHOOT * h + 1e-12:
+    tol = MAX_OVERSHOOT + 1e-12
+    if min(x0, y0) < -tol or max(x1, y1) > 1 + tol:
         return None
     x0, y0, x1, y1 = max(0.0, x0), max(0.0, y0), min(1.0, x1), min(1.0, y1)
+    if x1 <= x0 or y1 <= y0:  # entirely outside the image
+        return None
     return (x0, y0, x1 - x0, y1 - y0)
 
 

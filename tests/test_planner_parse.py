@@ -61,10 +61,14 @@ DESCRIPTIONS: list[tuple[str, str, set[str]]] = [
     ("caption misses an object", json.dumps({**GOOD_DESC, "caption": "A golden dog(dog-1) catches a red "
                                                                      "frisbee(frisbee-2)."}),
      {"caption_missing_object"}),
+    # a dangling id drops just that relation; an object the request did not ask for is dropped (both counted)
     ("relation names an unknown id", json.dumps({**GOOD_DESC, "relations": [
-        {"subjects": ["cat-4"], "objects": ["dog-1"], "relation": "chasing"}]}), {"unknown_relation_id"}),
+        {"subjects": ["cat-4"], "objects": ["dog-1"], "relation": "chasing"}]}), set()),
     ("extra object in attributes", json.dumps({**GOOD_DESC, "attributes": {
-        **GOOD_DESC["attributes"], "ball-4": ["blue"]}}), {"extra_object", "caption_missing_object"}),
+        **GOOD_DESC["attributes"], "ball-4": ["blue"]}}), set()),
+    ("requested object neither described nor in the caption", json.dumps({
+        **GOOD_DESC, "attributes": {"dog-1": ["golden"], "frisbee-2": ["red"]},
+        "caption": "A golden dog(dog-1) catches a red frisbee(frisbee-2)."}), {"caption_missing_object"}),
 ]
 
 
@@ -114,11 +118,13 @@ LAYOUTS: list[tuple[str, str, set[str]]] = [
                                   ("person-3", [317, 77, 113, 358])), {"box_out_of_range"}),
     ("zero width", _layout(OK3[0], ("frisbee-2", [0.46, 0.22, 0.0, 0.08]), OK3[2]), {"box_zero_area"}),
     ("missing object", _layout(OK3[0], OK3[1]), {"missing_object"}),
-    ("extra object", _layout(*OK3, ("ball-4", [0.1, 0.1, 0.1, 0.1])), {"extra_object"}),
+    ("extra object is dropped", _layout(*OK3, ("ball-4", [0.1, 0.1, 0.1, 0.1])), set()),
     ("duplicate object", _layout(*OK3, ("dog-1", [0.1, 0.5, 0.3, 0.3])), {"duplicate_object"}),
-    ("wrong id separator", _layout(("dog_1", OK3[0][1]), OK3[1], OK3[2]),
-     {"bad_object_id", "missing_object", "extra_object"}),
-    ("wrong id number", _layout(("dog-2", OK3[0][1]), OK3[1], OK3[2]), {"missing_object", "extra_object"}),
+    ("wrong id separator is renamed", _layout(("dog_1", OK3[0][1]), OK3[1], OK3[2]), set()),
+    # dog-2: the name says dog-1, the number frisbee-2 (also placed): ambiguous, dropped, so dog-1 is missing
+    ("wrong id number", _layout(("dog-2", OK3[0][1]), OK3[1], OK3[2]), {"missing_object"}),
+    ("another object in a requested one's place", _layout(("cat-1", OK3[0][1]), OK3[1], OK3[2]),
+     {"missing_object"}),
     ("three numbers", _layout(("dog-1", [0.1, 0.2, 0.3]), OK3[1], OK3[2]), {"bad_schema"}),
     ("truncated", json.dumps(GOOD_LAYOUT)[:-40], {"truncated"}),
     ("description instead of layout", json.dumps(GOOD_DESC), {"bad_schema"}),
@@ -188,3 +194,118 @@ def test_object_ids_from_lvis_names() -> None:
     req = requested_objects(CATS, (CATS.id_of("bow_(weapon)"), CATS.id_of("fire_hydrant"), CATS.id_of("dog"),
                                    CATS.id_of("dog")))
     assert list(req) == ["bow_weapon-1", "fire_hydrant-2", "dog-3", "dog-4"]
+
+
+# ----- the ACP repository's answer shape and the noise real answers carry ------------------------------------------
+def _acp_desc(attributes: list[tuple[str, str]], groups: list[list[str]], layers: dict, blocks: list[tuple[str, list]],
+              caption: str) -> str:
+    """A description in ACP's shape: attribute and group lists, relations as per-caption blocks."""
+    return json.dumps({
+        "attributes": [{"name": n, "attributes": a} for n, a in attributes],
+        "groups": [{"id": f"group-{i}", "group": g} for i, g in enumerate(groups, start=1)],
+        "layers of depth": layers,
+        "relations": [{"caption": c, "relations": [{"subject": s, "object": o, "relation": r} for s, o, r in rels]}
+                      for c, rels in blocks],
+        "caption": caption})
+
+
+STREET = {"person-1": 1, "person-2": 1, "phone-3": 2, "backpack-4": 3, "scarf-5": 4, "flower-6": 5}
+
+
+def test_acp_shape_with_renamed_and_misspelt_ids() -> None:
+    text = _acp_desc(
+        [("person-1", "a tall man"), ("person-2", "a girl"), ("phone-3", "a black phone"),
+         ("backpack-4", "a red backpack"), ("scarf-5", "a woollen scarf"), ("flowr-6", "a pot of tulips")],
+        [["man-1", "phone-3", "backpack-4"], ["girl-2", "scarf-5"], ["flowr-6"]],
+        {"Foreground": ["group-1", "group-2"], "Midground": [], "Background": ["group-3"]},
+        [("a man(man-1) holding a phone(phone-3)", [(["man-1"], ["phone-3"], "holding"),
+                                                   (["man-1"], ["backpack-4"], "carrying")]),
+         ("a girl(girl-2) in a scarf(scarf-5)", [(["girl-2"], ["scarf-5"], "wearing")])],
+        "A man(man-1) with a red backpack(backpack-4) checks his phone(phone-3) next to a girl(girl-2) in a "
+        "woollen scarf(scarf-5); a pot of tulips(flowr-6) stands behind them(man-1, girl-2).")
+    v = parse_description(text, STREET)
+    assert v.ok, v.message()
+    assert dict(v.repairs) == {"acp_shape": 1, "rename_id": 3}  # man-1, girl-2, flowr-6
+    s = v.scene
+    assert s.ids == list(STREET) and [o.category_id for o in s.objects] == list(STREET.values())
+    assert s.object("person-1").attributes == ["a tall man"] and s.object("flower-6").attributes == ["a pot of tulips"]
+    assert s.groups == {"group-1": ["person-1", "phone-3", "backpack-4"], "group-2": ["person-2", "scarf-5"],
+                        "group-3": ["flower-6"]}
+    assert s.layers["Foreground"] == ["group-1", "group-2"]
+    assert [(r.subjects, r.objects, r.phrase) for r in s.relations] == [
+        (["person-1"], ["phone-3"], "holding"), (["person-1"], ["backpack-4"], "carrying"),
+        (["person-2"], ["scarf-5"], "wearing")]
+    assert "A man(person-1)" in s.caption and "tulips(flower-6)" in s.caption and "(person-1, person-2)" in s.caption
+    assert "man-1" not in s.caption and "girl-2" not in s.caption
+
+
+def test_acp_shape_dangling_and_ambiguous_ids_drop_the_relation() -> None:
+    req = {"dog-1": 1, "collar-2": 2, "bell-3": 3, "steps-4": 4, "bag-5": 5}
+    text = _acp_desc(
+        [("dog-1", "a brown dog"), ("collar-2", "a leather collar"), ("bell-3", "a small bell"),
+         ("steps-4", "stone steps"), ("bag-5", "a paper bag")],
+        [["dog-1", "collar-2", "bell-3", "steps-4"], ["bag-5", "ghost-9"]],
+        {"Foreground": ["group-1"], "Background": ["group-2", "group-7"]},
+        # collar-4: the name says collar-2, the number steps-4: ambiguous, so that relation goes (not the answer)
+        [("a dog(dog-1) on steps(steps-4)", [(["dog-1"], ["steps-4"], "sitting on"),
+                                             (["dog-1"], ["collar-4"], "wearing"),
+                                             (["bell-3"], ["collar-2"], "attached to"),
+                                             (["cat-8"], ["dog-1"], "watching")])],
+        "A brown dog(dog-1) wearing a collar(collar-2) with a bell(bell-3) sits on stone steps(steps-4) next to a "
+        "paper bag(bag-5).")
+    v = parse_description(text, req)
+    assert v.ok, v.message()
+    assert dict(v.repairs) == {"acp_shape": 1, "drop_relation": 2, "drop_dangling_id": 2}
+    assert [r.phrase for r in v.scene.relations] == ["sitting on", "attached to"]
+    assert v.scene.groups["group-2"] == ["bag-5"] and v.scene.layers["Background"] == ["group-2"]
+
+
+def test_declared_objects_are_not_merged() -> None:
+    """woman-1 described as an object of its own next to person-1 is an extra object, not person-1 renamed; an
+    object described in place of a requested one (cat-2 for frisbee-2) leaves that one missing from the caption."""
+    desc = {**GOOD_DESC, "attributes": {**GOOD_DESC["attributes"], "woman-1": ["tall"]}}
+    v = parse_description(json.dumps(desc), REQ)
+    assert v.ok and dict(v.repairs) == {"drop_extra_object": 1} and v.scene.object("dog-1").attributes[0] == "golden"
+    desc = {**GOOD_DESC, "attributes": {"dog-1": ["golden"], "cat-2": ["grey"], "person-3": ["smiling"]},
+            "caption": "A golden dog(dog-1) chases a grey cat(cat-2) past a smiling person(person-3)."}
+    v = parse_description(json.dumps(desc), REQ)
+    assert set(v.codes) == {"caption_missing_object"} and "frisbee-2" in v.message()
+
+
+def test_acp_pixel_layout_is_normalised(desc_scene) -> None:
+    text = json.dumps({"width": 640, "height": 480, "Layout": [
+        {"object": "dog-1", "bbox": [76.8, 182.4, 268.8, 192.0]}, {"object": "frisbee-2", "bbox": [294.4, 105.6, 89.6,
+                                                                                                    38.4]},
+        {"object": "person-3", "bbox": [396.8, 72.0, 140.8, 336.0]}]})
+    v = parse_layout(text, desc_scene, REQ)
+    assert v.ok, v.message()
+    assert dict(v.repairs) == {"acp_shape": 1}
+    assert v.scene.object("dog-1").bbox == pytest.approx((0.12, 0.38, 0.42, 0.4))
+    # normalised boxes with a canvas size are left as they are
+    v = parse_layout(json.dumps({"width": 640, "height": 480, **GOOD_LAYOUT}), desc_scene, REQ)
+    assert v.ok and not v.repairs
+
+
+@pytest.mark.parametrize("box,ok", [
+    ([0.95, 0.22, 0.1, 0.08], True),  # 0.05 of the image past the right edge (half the box's own width): clipped
+    ([0.46, -0.09, 0.14, 0.3], True),  # 0.09 above the top: clipped
+    ([0.46, 0.22, 0.14, 0.9], False),  # 0.12 below the bottom: rejected
+    ([-0.3, 0.22, 0.5, 0.08], False),  # 0.3 left of the image: rejected
+])
+def test_overshoot_is_measured_against_the_image(desc_scene, box: list, ok: bool) -> None:
+    v = parse_layout(_layout(OK3[0], ("frisbee-2", box), OK3[2]), desc_scene, REQ)
+    assert v.ok == ok, v.message()
+    if ok:
+        assert v.repairs["clip_box"] == 1
+        x, y, w, h = v.scene.object("frisbee-2").bbox
+        assert 0 <= x and 0 <= y and x + w <= 1 + 1e-9 and y + h <= 1 + 1e-9
+    else:
+        assert v.codes == ["box_out_of_range"]
+
+
+def test_layout_repairs_are_counted(desc_scene) -> None:
+    v = parse_layout(_layout(("Dog_1", OK3[0][1]), OK3[1], ("persn-3", OK3[2][1]), ("ball-7", [0.1, 0.1, 0.1, 0.1])),
+                     desc_scene, REQ)
+    assert v.ok, v.message()
+    assert dict(v.repairs) == {"rename_id": 2, "drop_extra_object": 1}
+    assert v.scene.ids == list(REQ)

@@ -88,16 +88,37 @@ def test_caption_check_can_be_skipped():
 
 
 def test_repair_clips_small_overshoot_only():
-    # overshoots the right edge by 0.02, 10 % of a 0.2 wide box is 0.02 -> clipped
+    """The tolerance is measured against the image side (MAX_OVERSHOOT = 0.1), not the box's own side."""
+    assert S.MAX_OVERSHOOT == 0.10
+    # overshoots the right edge by 0.02 of the image -> clipped
     g, repairs = graph(obj1={"bbox": [0.82, 0.1, 0.2, 0.1]}).repair()
     assert repairs[S.REPAIR_CLIP_BOX] == 1
     np.testing.assert_allclose(g.object("frisbee-2").bbox, [0.82, 0.1, 0.18, 0.1])
     assert g.validate(REQUESTED).ok
-    # overshoots the top by 0.05 of a 0.4 tall box (12.5 %) -> left alone, then rejected
+    # overshoots the top by 0.05 of the image: 12.5 % of this 0.4 tall box, but within 0.1 of the image -> clipped
     g, repairs = graph(obj0={"bbox": [0.1, -0.05, 0.3, 0.4]}).repair()
-    assert repairs[S.REPAIR_CLIP_BOX] == 0
-    assert g.object("dog-1").bbox == (0.1, -0.05, 0.3, 0.4)
-    assert S.BOX_OUT_OF_RANGE in g.validate(REQUESTED).codes
+    assert repairs[S.REPAIR_CLIP_BOX] == 1
+    np.testing.assert_allclose(g.object("dog-1").bbox, [0.1, 0.0, 0.3, 0.35])
+    assert g.validate(REQUESTED).ok
+    # a tiny box overshooting by 0.08 (far more than its own side) is still within the image's slack -> clipped
+    g, repairs = graph(obj1={"bbox": [0.96, 0.5, 0.12, 0.04]}).repair()
+    assert repairs[S.REPAIR_CLIP_BOX] == 1 and g.validate(REQUESTED).ok
+    np.testing.assert_allclose(g.object("frisbee-2").bbox, [0.96, 0.5, 0.04, 0.04])
+    # the edge at exactly 0.1 outside is clipped; beyond it the box is left alone, then rejected
+    g, repairs = graph(obj0={"bbox": [-0.1, 0.2, 0.5, 0.4]}).repair()
+    assert repairs[S.REPAIR_CLIP_BOX] == 1 and g.validate(REQUESTED).ok
+    for bad in ([0.1, -0.15, 0.3, 0.4], [0.7, 0.2, 0.45, 0.4], [0.1, 0.75, 0.3, 0.4], [1.02, 0.2, 0.05, 0.1]):
+        g, repairs = graph(obj0={"bbox": bad}).repair()
+        assert repairs[S.REPAIR_CLIP_BOX] == 0, bad
+        assert g.object("dog-1").bbox == tuple(bad)
+        assert S.BOX_OUT_OF_RANGE in g.validate(REQUESTED).codes, bad
+
+
+def test_caption_tags_may_list_several_ids():
+    assert S.caption_tags("Two dogs(dog-1, Dog-2) and a cat(cat-3) (yes)") == {"dog-1", "dog-2", "cat-3", "yes"}
+    assert graph(caption="A dog and a frisbee(dog-1, frisbee-2).").validate(REQUESTED).ok
+    v = graph(caption="A dog and a frisbee(dog-1, frisbee-20).").validate(REQUESTED)
+    assert v.codes == [S.CAPTION_MISSING_OBJECT] and "frisbee-2" in v.message()
 
 
 def test_repair_normalises_ids_everywhere():

@@ -5,10 +5,27 @@ LLMs wrap JSON in code fences and prose, leave trailing commas, use single quote
 off at the token limit. ``extract_json`` tolerates the first four and reports the last as ``truncated``. Every
 verdict is a list of named reasons: ``scene.py``'s codes plus the parse codes below, so a planner can count them
 and feed the message back to the model on retry.
+
+Two answer shapes are read: ours (``prompts.py``) and the ACP repository's (attributes and groups as lists of
+``{name, attributes}`` / ``{id, group}``, relations as per-caption blocks ``{caption, relations: [{subject, object,
+relation}]}``, a layout with ``width``/``height`` and pixel boxes). Noise in the ids is handled by fixed rules, each
+counted (docs/prebuild.md "LLM answers: shapes, repairs, rejections"):
+
+- an id that unambiguously stands for a requested one is renamed (``rename_id``): same number and a similar name
+  (``follower-8`` -> ``flower-8``, ``dog_1`` -> ``dog-1``); a similar name whose number names no requested object;
+  or, only where it is referred to (groups, relations, layers, caption) and never described as an object of its
+  own, the same number under another name (``woman-1`` -> ``person-1``). Name and number pointing at different
+  requested ids (``collar-4`` when ``collar-2`` and ``steps-4`` were asked for) is ambiguous: nothing is renamed;
+- an object the request did not ask for is dropped (``drop_extra_object``);
+- a relation that names an id which is not an object (after renaming) is dropped (``drop_relation``); such an id in
+  a group or a depth layer is removed from it (``drop_dangling_id``);
+- a requested object the layout leaves out rejects the answer (``missing_object``), as do duplicates and boxes
+  beyond ``scene.MAX_OVERSHOOT``.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from collections import Counter
@@ -20,6 +37,7 @@ from ..scene import (
     CAPTION_MISSING_OBJECT,
     DEPTH_LAYERS,
     MISSING_BOX,
+    REPAIR_NORMALIZE_ID,
     UNKNOWN_RELATION_ID,
     Relation,
     SceneGraph,
@@ -32,10 +50,17 @@ TRUNCATED = "truncated"
 BAD_JSON = "bad_json"
 BAD_SCHEMA = "bad_schema"
 PARSE_REASONS = (NO_JSON, TRUNCATED, BAD_JSON, BAD_SCHEMA)
+# Repairs counted by the parser (``SceneGraph.repair`` adds ``clip_box`` and ``normalize_id``).
+REPAIR_ACP_SHAPE = "acp_shape"
+REPAIR_RENAME_ID = "rename_id"
+REPAIR_DROP_EXTRA = "drop_extra_object"
+REPAIR_DROP_RELATION = "drop_relation"
+REPAIR_DROP_DANGLING = "drop_dangling_id"
+PARSE_REPAIRS = (REPAIR_ACP_SHAPE, REPAIR_RENAME_ID, REPAIR_DROP_EXTRA, REPAIR_DROP_RELATION, REPAIR_DROP_DANGLING)
 
 __all__ = [
-    "NO_JSON", "TRUNCATED", "BAD_JSON", "BAD_SCHEMA", "PARSE_REASONS", "ParseError", "Verdict", "extract_json",
-    "parse_description", "parse_layout", "description_to_scene", "layout_to_scene",
+    "NO_JSON", "TRUNCATED", "BAD_JSON", "BAD_SCHEMA", "PARSE_REASONS", "PARSE_REPAIRS", "ParseError", "Verdict",
+    "extract_json", "parse_description", "parse_layout", "description_to_scene", "layout_to_scene",
 ]
 
 _MAX_CANDIDATES = 64
@@ -274,12 +299,13 @@ def _attr_list(v: Any, oid: str) -> list[str]:
     raise _Schema(f"attributes of {oid} must be a list of words, got {json.dumps(v)[:80]}")
 
 
-def _attributes(v: Any) -> dict[str, list[str]]:
+def _attributes(v: Any, repairs: Counter) -> dict[str, list[str]]:
     if v is None:
         return {}
     if isinstance(v, Mapping):
         return {str(k): _attr_list(a, str(k)) for k, a in v.items()}
-    if isinstance(v, list):
+    if isinstance(v, list):  # ACP: [{"name": "dog-1", "attributes": "a brown dog"}, ...]
+        repairs[REPAIR_ACP_SHAPE] += 1
         out: dict[str, list[str]] = {}
         for item in v:
             if not isinstance(item, Mapping):
@@ -292,13 +318,22 @@ def _attributes(v: Any) -> dict[str, list[str]]:
     raise _Schema("'attributes' must map object ids to lists of words")
 
 
-def _groups(v: Any) -> dict[str, list[str]]:
+def _groups(v: Any, repairs: Counter) -> dict[str, list[str]]:
     if v is None:
         return {}
     if isinstance(v, Mapping):
         return {str(k): _id_list(m, f"group {k}") for k, m in v.items()}
     if isinstance(v, list):
-        return {f"group-{i}": _id_list(m, f"group {i}") for i, m in enumerate(v, start=1)}
+        out: dict[str, list[str]] = {}
+        for i, m in enumerate(v, start=1):
+            if isinstance(m, Mapping):  # ACP: {"id": "group-1", "group": [ids]}
+                repairs[REPAIR_ACP_SHAPE] += 1
+                gid = _get(m, "id", "group id", "name")
+                members = _get(m, "group", "members", "objects", "ids")
+                out[str(gid) if isinstance(gid, (str, int)) else f"group-{i}"] = _id_list(members, f"group {i}")
+            else:
+                out[f"group-{i}"] = _id_list(m, f"group {i}")
+        return out
     raise _Schema("'groups' must map group ids to lists of object ids")
 
 
@@ -311,24 +346,33 @@ def _layers(v: Any) -> dict[str, list[str]]:
     return {canon.get(_key(k), str(k)): _id_list(m, f"layer {k}") for k, m in v.items()}
 
 
-def _relations(v: Any) -> list[Relation]:
+def _relation(r: Any) -> Relation:
+    if isinstance(r, Mapping):
+        subj = _id_list(_get(r, "subjects", "subject", "subject_ids", "from"), "relation subject")
+        obj = _id_list(_get(r, "objects", "object", "object_ids", "to", "target"), "relation object")
+        phrase = _get(r, "relation", "phrase", "predicate", "relationship", "rel")
+    elif isinstance(r, (list, tuple)) and len(r) == 3:
+        subj, phrase, obj = _id_list(r[0], "relation subject"), r[1], _id_list(r[2], "relation object")
+    else:
+        raise _Schema(f"a relation must be {{subjects, objects, relation}}, got {json.dumps(r)[:80]}")
+    if not isinstance(phrase, str) or not phrase.strip() or not subj or not obj:
+        raise _Schema(f"relation {json.dumps(r)[:80]} needs subjects, objects and a relation phrase")
+    return Relation(subj, obj, phrase.strip())
+
+
+def _relations(v: Any, repairs: Counter) -> list[Relation]:
     if v is None:
         return []
     if not isinstance(v, list):
         raise _Schema("'relations' must be a list")
     out = []
     for r in v:
-        if isinstance(r, Mapping):
-            subj = _id_list(_get(r, "subjects", "subject", "subject_ids", "from"), "relation subject")
-            obj = _id_list(_get(r, "objects", "object", "object_ids", "to", "target"), "relation object")
-            phrase = _get(r, "relation", "phrase", "predicate", "relationship", "rel")
-        elif isinstance(r, (list, tuple)) and len(r) == 3:
-            subj, phrase, obj = _id_list(r[0], "relation subject"), r[1], _id_list(r[2], "relation object")
+        inner = _get(r, "relations") if isinstance(r, Mapping) else None
+        if isinstance(inner, list) and _get(r, "subjects", "subject") is None:
+            repairs[REPAIR_ACP_SHAPE] += 1  # ACP: {"caption": ..., "relations": [...]} per sub-caption
+            out += [_relation(x) for x in inner]
         else:
-            raise _Schema(f"a relation must be {{subjects, objects, relation}}, got {json.dumps(r)[:80]}")
-        if not isinstance(phrase, str) or not phrase.strip() or not subj or not obj:
-            raise _Schema(f"relation {json.dumps(r)[:80]} needs subjects, objects and a relation phrase")
-        out.append(Relation(subj, obj, phrase.strip()))
+            out.append(_relation(r))
     return out
 
 
@@ -362,38 +406,155 @@ def _box(v: Any, oid: str) -> tuple[float, float, float, float]:
         raise _Schema(f"bbox of {oid} must hold 4 numbers, got {json.dumps(v)[:80]}") from None
 
 
+def _image_size(v: Any) -> tuple[float, float] | None:
+    """ACP's layouts give the canvas (``width``, ``height``) and pixel boxes; None when the answer gives no size."""
+    if not isinstance(v, Mapping):
+        return None
+    w, h = _get(v, "width", "image width", "w"), _get(v, "height", "image height", "h")
+    try:
+        w, h = float(w), float(h)
+    except (TypeError, ValueError):
+        return None
+    return (w, h) if w > 2 and h > 2 else None
+
+
+# ----- id repair ----------------------------------------------------------------------------------------------------
+_LOOSE_ID = re.compile(r"^(?P<name>.*?[a-z])[-_ ]?(?P<k>\d+)$")
+_SIMILAR = 0.75  # difflib ratio above which two names count as the same word misspelt ("follower" ~ "flower": 0.86)
+
+
+def _split_id(oid: str) -> tuple[str, int] | None:
+    m = _LOOSE_ID.match(normalize_object_id(oid))
+    return (m.group("name").strip("-_"), int(m.group("k"))) if m else None
+
+
+def _similar(a: str, b: str) -> bool:
+    return (a == b or a.split("_")[-1] == b.split("_")[-1]
+            or difflib.SequenceMatcher(None, a, b, autojunk=False).ratio() >= _SIMILAR)
+
+
+def _renames(found: list[str], declared: set[str], requested: list[str]) -> dict[str, str]:
+    """Answer id -> the requested id it unambiguously stands for (rules in the module docstring). ``found`` are the
+    normalised ids of the answer that are not requested, ``declared`` those it describes as objects."""
+    req = [(r, _split_id(r)) for r in requested]
+    out: dict[str, str] = {}
+    for u in found:
+        parts = _split_id(u)
+        if parts is None:
+            continue
+        name, k = parts
+        if name == "group":  # a group id (layers name groups), never an object
+            continue
+        by_num = [r for r, p in req if p is not None and p[1] == k]
+        by_name = [r for r, p in req if p is not None and _similar(name, p[0])]
+        target = None
+        if len(by_num) == 1 and by_num[0] in by_name:
+            target = by_num[0]
+        elif len(by_name) == 1 and not by_num:
+            target = by_name[0]
+        elif len(by_num) == 1 and not by_name and u not in declared and by_num[0] in declared:
+            target = by_num[0]
+        if target is not None and not (u in declared and target in declared):  # two objects, not one renamed
+            out[u] = target
+    return out
+
+
+def _rewrite_tags(caption: str, fix: Callable[[str], str | None]) -> str:
+    """Rewrite the ids inside the caption's ``(...)`` tags with ``fix`` (None: leave that token as written)."""
+    def one(m: re.Match) -> str:
+        tokens = [t.strip() for t in m.group(1).split(",")]
+        if not all(_split_id(t) for t in tokens if t):
+            return m.group(0)  # prose in parentheses
+        return "(" + ", ".join((fix(t) or t) if t else t for t in tokens) + ")"
+
+    return re.sub(r"\(([^()]+)\)", one, caption)
+
+
+def _resolve(scene: SceneGraph, requested: Mapping[str, int], declared: list[str], repairs: Counter) -> SceneGraph:
+    """Apply the id rules: rename, drop extra objects, drop relations and group/layer members naming non-objects.
+    ``declared`` are the ids the answer describes as objects (its attributes or layout entries), as written."""
+    req = [normalize_object_id(r) for r in requested]
+    decl = {normalize_object_id(d) for d in declared}
+    mentioned = [*declared, *(x for g in scene.groups.values() for x in g),
+                 *(x for layer in scene.layers.values() for x in layer),
+                 *(x for r in scene.relations for x in [*r.subjects, *r.objects])]
+    mentioned += [t for t in _tag_tokens(scene.caption)]
+    unknown = list(dict.fromkeys(n for n in map(normalize_object_id, mentioned) if n not in req
+                                 and n not in scene.groups))
+    renames = _renames(unknown, decl, req)
+    repairs[REPAIR_RENAME_ID] += len(renames)
+
+    def fix(oid: str) -> str:
+        n = normalize_object_id(oid)
+        return renames.get(n, n)
+
+    objects = []
+    for o in scene.objects:
+        if fix(o.id) not in req:
+            repairs[REPAIR_DROP_EXTRA] += 1
+            continue
+        if normalize_object_id(o.id) != o.id and normalize_object_id(o.id) not in renames:
+            repairs[REPAIR_NORMALIZE_ID] += 1
+        objects.append(SceneObject(fix(o.id), o.category_id, o.attributes, o.bbox))
+    known = {o.id for o in objects}
+    relations = []
+    for r in scene.relations:
+        subj, obj = [fix(x) for x in r.subjects], [fix(x) for x in r.objects]
+        if all(x in known for x in [*subj, *obj]):
+            relations.append(Relation(subj, obj, r.phrase))
+        else:
+            repairs[REPAIR_DROP_RELATION] += 1
+
+    def members(ids: list[str], also: Mapping[str, Any] = {}) -> list[str]:  # noqa: B006 (read only)
+        kept = [fix(x) if fix(x) in known else x for x in ids if fix(x) in known or x in also]
+        repairs[REPAIR_DROP_DANGLING] += len(ids) - len(kept)
+        return kept
+
+    groups = {g: members(m) for g, m in scene.groups.items()}
+    layers = {k: members(m, groups) for k, m in scene.layers.items()}
+    caption = _rewrite_tags(scene.caption, lambda t: fix(t) if fix(t) in known else None)
+    return SceneGraph(objects=objects, relations=relations, layers=layers, caption=caption, groups=groups)
+
+
+def _tag_tokens(caption: str) -> list[str]:
+    found: list[str] = []
+    _rewrite_tags(caption or "", lambda t: found.append(t))  # type: ignore[func-returns-value]
+    return found
+
+
 # ----- conversion -----------------------------------------------------------------------------------------------------
-def description_to_scene(desc: Mapping[str, Any], requested: Mapping[str, int]) -> SceneGraph:
-    """A description answer (already parsed) -> SceneGraph without boxes. Requested objects come first in their
-    order; ids the answer adds (in its attributes) become extra objects (category 0) so validation names them."""
-    attrs = _attributes(_get(desc, "attributes", "attribute"))
+def description_to_scene(desc: Mapping[str, Any], requested: Mapping[str, int],
+                         repairs: Counter | None = None) -> SceneGraph:
+    """A description answer (already parsed, our shape or ACP's) -> SceneGraph without boxes: the requested objects
+    in their order, ids repaired and extras dropped by the module's rules (counted in ``repairs``)."""
+    repairs = Counter() if repairs is None else repairs
+    attrs = _attributes(_get(desc, "attributes", "attribute"), repairs)
     caption = _get(desc, "caption", "description", "global caption")
     if caption is not None and not isinstance(caption, str):
         raise _Schema("'caption' must be a string")
-    by_norm = {normalize_object_id(k): a for k, a in attrs.items()}
-    objects = [SceneObject(oid, cid, by_norm.get(normalize_object_id(oid), [])) for oid, cid in requested.items()]
-    req_norm = {normalize_object_id(o) for o in requested}
-    objects += [SceneObject(k, 0, a) for k, a in attrs.items() if normalize_object_id(k) not in req_norm]
-    known = {normalize_object_id(o.id) for o in objects}
-
-    def tag(m: re.Match) -> str:  # "(Dog 1)" style variants of known ids -> "(dog-1)"
-        norm = normalize_object_id(m.group(1))
-        return f"({norm})" if norm in known else m.group(0)
-
-    caption = re.sub(r"\(([^()]+?-\d+)\)", tag, (caption or "").strip())
-    return SceneGraph(objects=objects, relations=_relations(_get(desc, "relations", "relation")),
-                      layers=_layers(_get(desc, "layers of depth", "layers", "depth layers", "depth")),
-                      caption=caption, groups=_groups(_get(desc, "groups", "group")))
+    scene = SceneGraph(objects=[SceneObject(k, 0, a) for k, a in attrs.items()],
+                       relations=_relations(_get(desc, "relations", "relation"), repairs),
+                       layers=_layers(_get(desc, "layers of depth", "layers", "depth layers", "depth")),
+                       caption=(caption or "").strip(), groups=_groups(_get(desc, "groups", "group"), repairs))
+    if repairs[REPAIR_ACP_SHAPE] > 1:
+        repairs[REPAIR_ACP_SHAPE] = 1  # one reinterpreted answer, however many of its parts
+    scene = _resolve(scene, requested, list(attrs), repairs)
+    by_id = {o.id: o.attributes for o in scene.objects}
+    scene.objects = [SceneObject(normalize_object_id(oid), cid, by_id.get(normalize_object_id(oid), []))
+                     for oid, cid in requested.items()]
+    return scene
 
 
-def layout_to_scene(layout: Any, description: SceneGraph, requested: Mapping[str, int]) -> SceneGraph:
+def layout_to_scene(layout: Any, description: SceneGraph, requested: Mapping[str, int],
+                    repairs: Counter | None = None) -> SceneGraph:
     """A layout answer (already parsed) + the accepted description -> SceneGraph with boxes. The layout decides which
-    objects exist (a requested object it leaves out is missing; one it adds is extra); requested objects first."""
+    objects exist: a requested object it leaves out is missing (rejected), one it adds is dropped; requested objects
+    first. ACP's pixel layouts (``width``, ``height``) are divided by the canvas size."""
+    repairs = Counter() if repairs is None else repairs
     entries = _layout_entries(layout)
     if entries is None:
         raise _Schema('the layout must be {"Layout": [{"object": id, "bbox": [x, y, w, h]}, ...]}')
-    desc_attrs = {normalize_object_id(o.id): o.attributes for o in description.objects}
-    req = {normalize_object_id(k): v for k, v in requested.items()}
+    size = _image_size(layout)
     placed: list[SceneObject] = []
     for e in entries:
         if not isinstance(e, Mapping):
@@ -401,44 +562,56 @@ def layout_to_scene(layout: Any, description: SceneGraph, requested: Mapping[str
         oid = _get(e, "object", "id", "name")
         if not isinstance(oid, str) or not oid.strip():
             raise _Schema(f"layout entry without an object id: {json.dumps(e)[:80]}")
-        box = _box(_get(e, "bbox", "box"), oid)
-        norm = normalize_object_id(oid)
-        placed.append(SceneObject(oid, req.get(norm, 0), list(desc_attrs.get(norm, [])), box))
+        placed.append(SceneObject(oid, 0, [], _box(_get(e, "bbox", "box"), oid)))
+    if size is not None and any(max(o.bbox) > 2 for o in placed if o.bbox is not None):
+        repairs[REPAIR_ACP_SHAPE] += 1
+        w, h = size
+        for o in placed:
+            x, y, bw, bh = o.bbox  # type: ignore[misc]
+            o.bbox = (x / w, y / h, bw / w, bh / h)
+    scene = _resolve(SceneGraph(objects=placed), requested, [o.id for o in placed], repairs)
+    req = {normalize_object_id(k): v for k, v in requested.items()}
+    desc_attrs = {normalize_object_id(o.id): o.attributes for o in description.objects}
+    for o in scene.objects:
+        o.category_id, o.attributes = req[o.id], list(desc_attrs.get(o.id, []))
     order = {oid: i for i, oid in enumerate(req)}
-    placed.sort(key=lambda o: order.get(normalize_object_id(o.id), len(order)))
-    return SceneGraph(objects=placed, relations=list(description.relations), layers=dict(description.layers),
+    scene.objects.sort(key=lambda o: order[o.id])
+    return SceneGraph(objects=scene.objects, relations=list(description.relations), layers=dict(description.layers),
                       caption=description.caption, groups=dict(description.groups))
 
 
-def _finish(scene: SceneGraph, requested: Mapping[str, int], ignore: tuple[str, ...] = ()) -> Verdict:
-    repaired, repairs = scene.repair()
+def _finish(scene: SceneGraph, requested: Mapping[str, int], repairs: Counter,
+            ignore: tuple[str, ...] = ()) -> Verdict:
+    repaired, more = scene.repair()
     v = repaired.validate(list(requested))
     reasons = [(c, d) for c, d in v.reasons if c not in ignore]
-    return Verdict(repaired, reasons, repairs)
+    return Verdict(repaired, reasons, +(repairs + more))
 
 
 def parse_description(text: str, requested: Mapping[str, int], finish_reason: str | None = None) -> Verdict:
     """Stage 1 answer -> Verdict (scene without boxes; ``missing_box`` is not checked at this stage)."""
+    repairs: Counter = Counter()
     try:
         value = extract_json(text, _is_description, finish_reason)
-        scene = description_to_scene(value, requested)
+        scene = description_to_scene(value, requested, repairs)
     except ParseError as e:
         return Verdict(None, [(e.code, e.detail)])
     except _Schema as e:
         return Verdict(None, [(BAD_SCHEMA, str(e))])
-    return _finish(scene, requested, ignore=(MISSING_BOX,))
+    return _finish(scene, requested, repairs, ignore=(MISSING_BOX,))
 
 
 def parse_layout(text: str, description: SceneGraph, requested: Mapping[str, int],
                  finish_reason: str | None = None) -> Verdict:
     """Stage 2 answer -> Verdict with the complete scene graph (repaired, validated against ``requested``)."""
+    repairs: Counter = Counter()
     try:
         value = extract_json(text, _is_layout, finish_reason)
-        scene = layout_to_scene(value, description, requested)
+        scene = layout_to_scene(value, description, requested, repairs)
     except ParseError as e:
         return Verdict(None, [(e.code, e.detail)])
     except _Schema as e:
         return Verdict(None, [(BAD_SCHEMA, str(e))])
-    # relations and caption were checked against the requested ids in stage 1: when the layout adds or drops
-    # objects, their complaints only echo extra_object / missing_object
-    return _finish(scene, requested, ignore=(UNKNOWN_RELATION_ID, CAPTION_MISSING_OBJECT))
+    # relations and caption were checked against the requested ids in stage 1: when the layout drops an object,
+    # their complaints only echo missing_object
+    return _finish(scene, requested, repairs, ignore=(UNKNOWN_RELATION_ID, CAPTION_MISSING_OBJECT))
