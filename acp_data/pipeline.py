@@ -20,6 +20,7 @@ import os
 import socket
 import sys
 import time
+import types
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from .clis.select import DEFAULT_MIN_CLIS_I, DEFAULT_MIN_CLIS_L
-from .stages import Candidate, ImageScore, StageContext, WorkUnit, generation_key
+from .stages import Candidate, Generator, ImageScore, Planner, Segmenter, Stage, StageContext, WorkUnit, generation_key
 
 logger = logging.getLogger(__name__)
 
@@ -363,7 +364,11 @@ class Prepared:
         return units[:max_units] if max_units is not None else units
 
 
-def _build_stage(registry: Any, section: str, name: str, options: dict[str, Any], ctx: StageContext) -> Any:
+_OPTIONAL_MEMBERS = ("load", "plan_many", "segment_batch", "max_boxes")  # declared with defaults in stages.py
+
+
+def _build_stage(registry: Any, base: type[Stage], section: str, name: str, options: dict[str, Any],
+                 ctx: StageContext) -> Any:
     from .registry import RegistryError
 
     try:
@@ -371,9 +376,22 @@ def _build_stage(registry: Any, section: str, name: str, options: dict[str, Any]
     except RegistryError as e:
         raise PrebuildError(f"{section}: {e}") from None
     try:
-        return cls(ctx, **options)
+        stage = cls(ctx, **options)
     except (ValueError, TypeError, KeyError, FileNotFoundError) as e:
         raise PrebuildError(f"{section} {name!r}: {e}") from e
+    return _with_base_hooks(stage, base)
+
+
+def _with_base_hooks(stage: Any, base: type[Stage]) -> Any:
+    """A plug-in that does not subclass its stage base (duck-typed: ``settings`` and the stage's main method) gets
+    the base's optional members, so the runner calls every member of the contract plainly."""
+    if isinstance(stage, base):
+        return stage
+    for name in _OPTIONAL_MEMBERS:
+        member = getattr(base, name, None)
+        if member is not None and not hasattr(stage, name):
+            setattr(stage, name, types.MethodType(member, stage) if callable(member) else member)
+    return stage
 
 
 def _stage_name(cfg: dict[str, Any], key: str) -> str:
@@ -442,8 +460,8 @@ def _check_scoring(cfg: dict[str, Any], priors: Any) -> tuple[tuple[str, dict[st
         cls = SCORERS.get(name)
     except RegistryError as e:
         raise PrebuildError(f"scorer: {e}") from None
-    defaults = getattr(cls, "DEFAULTS", None)
-    if isinstance(defaults, dict):
+    defaults = getattr(cls, "DEFAULTS", None)  # the Stage contract; a duck-typed scorer may lack it
+    if isinstance(defaults, dict) and defaults:
         bad = sorted(set(opts) - set(defaults))
         if bad:
             raise PrebuildError(f"scorer {name!r}: unknown option(s) {', '.join(map(repr, bad))}; known: "
@@ -469,11 +487,12 @@ def prepare(config: dict[str, Any], *, device: str | None = None, keep: str | No
     ctx = StageContext(categories, priors, device="cpu" if cfg["device"] == "auto" else cfg["device"],
                        dtype="float32" if cfg["dtype"] == "auto" else cfg["dtype"])
     built = {}
-    for section, registry in (("planner", PLANNERS), ("generator", GENERATORS), ("segmenter", SEGMENTERS)):
+    for section, registry, base in (("planner", PLANNERS, Planner), ("generator", GENERATORS, Generator),
+                                    ("segmenter", SEGMENTERS, Segmenter)):
         name, opts = _section(cfg, section) or ("", {})
-        built[section] = _build_stage(registry, section, name, opts, ctx)
+        built[section] = _build_stage(registry, base, section, name, opts, ctx)
     gen = built["generator"]
-    max_boxes = int(getattr(gen, "max_boxes", 30))
+    max_boxes = int(gen.max_boxes)
     if cfg["max_objects"] > max_boxes:
         raise PrebuildError(f"max_objects = {cfg['max_objects']} but generator {_stage_name(cfg, 'generator')!r} "
                             f"draws at most {max_boxes} boxes per layout (its max_boxes): lower max_objects to "
@@ -675,9 +694,8 @@ class _Runner:
         planner = self.prep.planner
         units = [u for u, _ in chunk]
         with _Timer(self.stats, "plan"):
-            many = getattr(planner, "plan_many", None)
             try:
-                return list(many(units)) if callable(many) else [planner.plan(u) for u in units]
+                return list(planner.plan_many(units))
             except PrebuildError:
                 raise
             except Exception:  # one unit broke the batch: plan one by one to find it and keep the others
@@ -709,12 +727,7 @@ class _Runner:
         st = self.stats
         with _Timer(st, "segment"):
             boxes = [scene.boxes_xyxy(im.shape[1], im.shape[0]) for im in images]
-            seg = self.prep.segmenter
-            batch = getattr(seg, "segment_batch", None)
-            if callable(batch):
-                masks_all = batch(images, boxes)
-            else:
-                masks_all = [seg.segment(im, b) for im, b in zip(images, boxes)]
+            masks_all = self.prep.segmenter.segment_batch(images, boxes)
             cands = []
             for im, bx, masks in zip(images, boxes, masks_all):
                 if len(masks) != len(scene.objects):
@@ -982,13 +995,11 @@ def _load_models(prep: Prepared, stats: _Stats) -> tuple[Any, Any]:
     cfg = prep.config
     with _Timer(stats, "load"):
         for section in ("planner", "generator", "segmenter"):
-            load = getattr(getattr(prep, section), "load", None)
-            if callable(load):
-                try:
-                    load()
-                except (OSError, ValueError, RuntimeError, ImportError) as e:
-                    raise PrebuildError(f"{section} {_stage_name(cfg, section)!r}: cannot load its model: "
-                                        f"{type(e).__name__}: {e}") from e
+            try:
+                getattr(prep, section).load()
+            except (OSError, ValueError, RuntimeError, ImportError) as e:
+                raise PrebuildError(f"{section} {_stage_name(cfg, section)!r}: cannot load its model: "
+                                    f"{type(e).__name__}: {e}") from e
         scorer = _build_scorer(prep)
         layout = _build_layout(prep)
     return scorer, layout

@@ -11,6 +11,7 @@ import hashlib
 import json
 from abc import ABC, abstractmethod
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -53,7 +54,8 @@ def stable_hash(obj: Any, n: int = 16) -> str:
 
 
 def generation_key(unit: WorkUnit, planner_settings: dict[str, Any], generator_settings: dict[str, Any]) -> str:
-    """design.md's generation key: combination, seed, planner and generator settings; nothing about scoring."""
+    """The generation key (docs/design.md "Work units, keys and determinism"): combination, seed, planner and
+    generator settings; nothing about scoring."""
     return stable_hash({"combo": list(unit.combo), "seed": unit.seed, "planner": planner_settings,
                         "generator": generator_settings}, n=32)
 
@@ -67,49 +69,62 @@ class PlanResult:
     prompts: list[str] = field(default_factory=list)  # provenance (what was asked of an LLM)
 
 
-class Planner(ABC):
-    """Writes a SceneGraph (description + layout) for a work unit."""
+class Stage:
+    """What every backend shares: built as ``Backend(ctx, **options)`` (``options`` = its config section minus
+    ``name``), no weights loaded until ``load()``; ``settings()`` says what changes its output.
+
+    ``DEFAULTS`` may list the options the backend knows with their default values (empty: the backend checks its
+    options itself; prebuild refuses unknown scorer options from it before building the scorer). ``load()`` loads
+    the model once; prebuild calls it for every stage before the first unit (timed as ``load``), so building a stage
+    only checks its options and paths and a bad config fails before any weights are read.
+    """
+
+    DEFAULTS: dict[str, Any] = {}
 
     def __init__(self, ctx: StageContext, **options: Any) -> None:
         self.ctx = ctx
         self.options = options
 
     def settings(self) -> dict[str, Any]:
-        """Everything that changes the output; part of the generation key."""
+        """Everything that changes the output (hashed into the generation key for planner and generator, pinned by
+        the cache manifest for the segmenter); nothing that does not (device, batch sizes)."""
         return {"name": type(self).__name__, **self.options}
+
+    def load(self) -> None:
+        """Load the model (idempotent); the default has nothing to load."""
+
+
+class Planner(Stage, ABC):
+    """Writes a SceneGraph (description + layout) for a work unit."""
 
     @abstractmethod
     def plan(self, unit: WorkUnit) -> PlanResult: ...
 
+    def plan_many(self, units: Sequence[WorkUnit]) -> list[PlanResult]:
+        """Plan several units (in order; prebuild passes ``unit_batch`` at a time); backends that can overlap
+        requests override this."""
+        return [self.plan(u) for u in units]
 
-class Generator(ABC):
-    """Draws ``n`` candidate RGB images (H x W x 3 uint8) for one layout."""
+
+class Generator(Stage, ABC):
+    """Draws ``n`` candidate RGB images (H x W x 3 uint8) for one layout; at most ``max_boxes`` boxes per layout."""
 
     max_boxes: int = 30
-
-    def __init__(self, ctx: StageContext, **options: Any) -> None:
-        self.ctx = ctx
-        self.options = options
-
-    def settings(self) -> dict[str, Any]:
-        return {"name": type(self).__name__, **self.options}
 
     @abstractmethod
     def generate(self, scene: SceneGraph, n: int, seed: int) -> list[np.ndarray]: ...
 
 
-class Segmenter(ABC):
+class Segmenter(Stage, ABC):
     """Turns each absolute XYXY box of an image into a boolean mask (H x W); an empty mask means 'not found'."""
-
-    def __init__(self, ctx: StageContext, **options: Any) -> None:
-        self.ctx = ctx
-        self.options = options
-
-    def settings(self) -> dict[str, Any]:
-        return {"name": type(self).__name__, **self.options}
 
     @abstractmethod
     def segment(self, image: np.ndarray, boxes_xyxy: np.ndarray) -> list[np.ndarray]: ...
+
+    def segment_batch(self, images: Sequence[np.ndarray], boxes: Sequence[np.ndarray]) -> list[list[np.ndarray]]:
+        """``segment`` of every image with its boxes (prebuild passes one unit's candidates); backends that batch
+        override this."""
+        return [self.segment(im, b) for im, b in zip(images, boxes)]
 
 
 @dataclass
@@ -132,15 +147,9 @@ class ImageScore:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-class ImageScorer(ABC):
-    """CLIS-I: scores candidates (whole image against the caption, each instance against its name/attributes)."""
-
-    def __init__(self, ctx: StageContext, **options: Any) -> None:
-        self.ctx = ctx
-        self.options = options
-
-    def settings(self) -> dict[str, Any]:
-        return {"name": type(self).__name__, **self.options}
+class ImageScorer(Stage, ABC):
+    """CLIS-I: scores candidates (whole image against the caption, each instance against its name/attributes).
+    Built by prebuild after the other stages load, so a scorer may load its model when built."""
 
     @abstractmethod
     def score(self, candidates: list[Candidate]) -> list[ImageScore]: ...

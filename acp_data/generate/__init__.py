@@ -1,4 +1,5 @@
-"""Layout-to-image generators (design.md's ``generate/``), registered in ``acp_data.registry.GENERATORS``.
+"""Layout-to-image generators (docs/design.md "Package layout (`acp_data/`)"), registered in
+``acp_data.registry.GENERATORS``.
 
 Built in: ``gligen`` (``acp_data.generate.gligen.GligenGenerator``: diffusers' GLIGEN pipeline, N candidates per
 layout, optional img2img refiner). External layout-to-image models (InstanceDiffusion, MIGC, ...) plug in by import

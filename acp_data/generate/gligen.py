@@ -100,6 +100,8 @@ class GligenGenerator(Generator):
     ``prompt_template``, ``negative_prompt``, ``max_boxes``, ``safety_checker``, ``refiner``, ``offload``.
     Models load on first use (``load()``), so building the generator checks options without loading weights."""
 
+    DEFAULTS = GLIGEN_DEFAULTS
+
     def __init__(self, ctx: StageContext, **options: Any) -> None:
         super().__init__(ctx, **options)
         o = resolve_options("generator gligen", options, GLIGEN_DEFAULTS, required=("model",))

@@ -36,6 +36,8 @@ class HFPlanner(ChatPlanner):
     ``chat_template``, plus the chat options (``retries``, ``shots``, ``temperature``, ``top_p``,
     ``max_tokens_description``, ``max_tokens_layout``, ``system_role``, ``repetition_penalty``)."""
 
+    DEFAULTS = HF_DEFAULTS
+
     def __init__(self, ctx: StageContext, **options: Any) -> None:
         super().__init__(ctx, **options)
         self.opts = resolve_options("planner hf", options, HF_DEFAULTS, required=("model",))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from abc import abstractmethod
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,10 +60,6 @@ class ChatPlanner(Planner):
 
     def settings(self) -> dict[str, Any]:
         return {"name": type(self).__name__, "prompt_version": prompts.PROMPT_VERSION, **self.opts}
-
-    def plan_many(self, units: Sequence[WorkUnit]) -> list[PlanResult]:
-        """Plan several units (in order); backends that can overlap requests override this."""
-        return [self.plan(u) for u in units]
 
     def _stage(self, result: PlanResult, stage: str, base: list[dict[str, str]], unit: WorkUnit, max_tokens: int,
                parse: Any) -> Verdict | None:

@@ -42,6 +42,8 @@ class OpenAIPlanner(ChatPlanner):
     ``send_seed``, ``extra_params``, plus the chat options (``retries``, ``shots``, ``temperature``, ``top_p``,
     ``max_tokens_description``, ``max_tokens_layout``, ``system_role``)."""
 
+    DEFAULTS = OPENAI_DEFAULTS
+
     def __init__(self, ctx: StageContext, **options: Any) -> None:
         super().__init__(ctx, **options)
         from ..http_client import ChatClient

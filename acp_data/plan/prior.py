@@ -49,6 +49,8 @@ class PriorPlanner(Planner):
     """Options: ``min_size``, ``max_size``, ``target_min_size``, ``margin``, ``default_size``, ``default_aspect``,
     ``size_words``, ``caption_prefix`` (see ``PRIOR_DEFAULTS``)."""
 
+    DEFAULTS = PRIOR_DEFAULTS
+
     def __init__(self, ctx: StageContext, **options: Any) -> None:
         super().__init__(ctx, **options)
         self.opts = resolve_options("planner prior", options, PRIOR_DEFAULTS)

@@ -39,6 +39,8 @@ class SamSegmenter(Segmenter):
     ``device``, ``multimask``, ``mask_threshold``, ``clip_to_box``, ``largest_component``, ``min_area``,
     ``box_batch``, ``image_batch``. The model loads on first use."""
 
+    DEFAULTS = SAM_DEFAULTS
+
     def __init__(self, ctx: StageContext, **options: Any) -> None:
         super().__init__(ctx, **options)
         o = resolve_options("segmenter sam", options, SAM_DEFAULTS, required=("model",))

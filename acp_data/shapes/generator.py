@@ -100,6 +100,8 @@ class ShapesGenerator(Generator):
     (per-object rates, summing to at most 1; ``merged`` needs a second object in the scene), ``width``, ``height``.
     """
 
+    DEFAULTS = DEFAULTS
+
     def __init__(self, ctx: StageContext, **options: Any) -> None:
         unknown = sorted(set(options) - set(DEFAULTS))
         if unknown:

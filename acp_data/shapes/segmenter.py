@@ -98,6 +98,8 @@ def _fill_holes(mask: np.ndarray, bg_dist: np.ndarray, thresh: float) -> np.ndar
 class ShapesSegmenter(Segmenter):
     """Colour/background contrast segmentation inside each box; the shape is unknown to it."""
 
+    DEFAULTS = DEFAULTS
+
     def __init__(self, ctx: StageContext, **options: Any) -> None:
         unknown = sorted(set(options) - set(DEFAULTS))
         if unknown:
