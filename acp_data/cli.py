@@ -13,7 +13,7 @@ import sys
 # name -> (module:function, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "priors": ("acp_data.priors:cli_main", "build a priors file (box statistics, co-occurrence, box-pair pools)"),
-    "prebuild": ("acp_data.pipeline:cli_main", "plan, generate, segment, score and cache synthetic samples"),
+    "prebuild": ("acp_data.prebuild.cli:cli_main", "plan, generate, segment, score and cache synthetic samples"),
     "rescore": ("acp_data.clis.rescore:cli_main", "recompute CLIS-I and `selected` for a cache (new index generation)"),
     "crops": ("acp_data.cache.crops:cli_main", "build the per-instance crop store of a cache (paste mode)"),
     "verify": ("acp_data.cache.verify:cli_main", "check every sample against index and checksum; quarantine broken"),

@@ -20,10 +20,10 @@ from acp_data.plan.common import requested_objects
 from acp_data.plan.hf import HFPlanner
 from acp_data.plan.openai import OpenAIPlanner
 from acp_data.plan.prior import PriorPlanner
+from acp_data.prebuild.units import make_units
 from acp_data.priors import BUCKET_PHRASES, Priors, geometric_bucket, relation_bucket
 from acp_data.registry import PLANNERS
 from acp_data.stages import StageContext, WorkUnit
-from acp_data.units import make_units
 
 
 @pytest.fixture(scope="module")

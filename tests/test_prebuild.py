@@ -22,7 +22,7 @@ from acp_data.cache.manifest import load_manifest
 from acp_data.cache.reader import CacheReader
 from acp_data.clis.select import select_unit
 from acp_data.masks import rle_to_mask, tight_box_xywh
-from acp_data.pipeline import PrebuildError, apply_overrides, load_config, prepare, run_prebuild
+from acp_data.prebuild import PrebuildError, apply_overrides, load_config, prepare, run_prebuild
 from acp_data.priors import Priors
 from acp_data.scene import SceneGraph
 from acp_data.shapes.world import world_category_table
@@ -492,7 +492,7 @@ def test_lvis_rare_recipe_validates(tmp_path: Path, no_model_loads) -> None:
 
 
 def test_pipeline_import_is_light() -> None:
-    code = ("import sys, acp_data.pipeline; print(sorted({m.split('.')[0] for m in sys.modules} & "
+    code = ("import sys, acp_data.prebuild; print(sorted({m.split('.')[0] for m in sys.modules} & "
             "{'torch', 'diffusers', 'transformers', 'open_clip', 'detectron2'}))")
     out = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from tiny_models_gen import synthetic_lvis
 
+from acp_data.prebuild.units import ShardError, make_units, parse_shard, rank_world_from_env, shard_units, unit_seed
 from acp_data.priors import Priors
-from acp_data.units import ShardError, make_units, parse_shard, rank_world_from_env, shard_units, unit_seed
 
 
 @pytest.fixture(scope="module")

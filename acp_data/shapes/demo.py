@@ -145,7 +145,7 @@ def prebuild_config(paths: DemoPaths, world_train_json: Path, judge_spec: str, o
                     config_file: Path | None = None) -> dict[str, Any]:
     """``configs/shapes/prebuild.yaml`` pointed at this demo's world, priors and judge, plus ``KEY=VALUE``
     overrides (docs/prebuild.md)."""
-    from ..pipeline import apply_overrides, load_config
+    from ..prebuild import apply_overrides, load_config
 
     cfg = load_config(config_file or CONFIG_DIR / "prebuild.yaml")
     cfg["categories"] = str(world_train_json)  # the built world's own table (any world size)
@@ -161,7 +161,7 @@ def build_cache(paths: DemoPaths, config: dict[str, Any], inputs: dict[str, str]
     """Run (or resume) the prebuild into ``paths.cache``. A cache made from other inputs (config, priors, judge,
     world) is deleted first: the stamp ``cache.stamp.json`` is written before the prebuild starts, so an interrupted
     build resumes instead. Returns the prebuild summary."""
-    from ..pipeline import run_prebuild
+    from ..prebuild import run_prebuild
 
     want = {"format": "acp-data demo cache", "config": config, "inputs": inputs, "max_units": max_units}
     want = json.loads(json.dumps(want, default=str))

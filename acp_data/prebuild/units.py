@@ -1,5 +1,5 @@
-"""Work units (design.md): object combinations for each target concept, with companions drawn from the priors'
-co-occurrence counts, and their partition over ranks.
+"""Work units (docs/design.md "Work units, keys and determinism"): object combinations for each target concept,
+with companions drawn from the priors' co-occurrence counts, and their partition over ranks.
 
 A unit depends only on ``(seed, target, k)``: asking for more images per category appends units and never changes
 the earlier ones, and any rank can rebuild the global list without talking to the others.
@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .stages import WorkUnit, stable_hash
+from ..stages import WorkUnit, stable_hash
 
 if TYPE_CHECKING:
-    from .categories import CategoryTable
-    from .priors import Priors
+    from ..categories import CategoryTable
+    from ..priors import Priors
 
 logger = logging.getLogger(__name__)
 
