@@ -1,5 +1,5 @@
-"""A small OpenAI-compatible chat client (stdlib only): retries with backoff, timeouts, bounded concurrency, and an API
-key that never reaches a log line or an exception message.
+"""A small OpenAI-compatible chat client (stdlib only): retries with backoff, an overall deadline per request, bounded
+concurrency, and an API key that never reaches a log line or an exception message.
 
     client = ChatClient("http://localhost:8000/v1", "Qwen/Qwen2.5-VL-7B-Instruct", api_key_env="MY_KEY")
     text = client.chat([user_message("Describe the image.", images=[rgb_array])], max_tokens=64)
@@ -17,27 +17,53 @@ import json
 import logging
 import os
 import random
+import socket
+import ssl
 import threading
 import time
-import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 logger = logging.getLogger(__name__)
 
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+# Statuses that no request of this run can get past (wrong key, no such model or URL): callers stop the run.
+FATAL_STATUS = frozenset({401, 403, 404, 405})
+_CHUNK = 1 << 16
 
 
 class ChatError(RuntimeError):
-    """A chat request that failed for good (after retries when ``retryable``); the message never holds the key."""
+    """A chat request that failed for good (after retries when ``retryable``); the message never holds the key.
+
+    ``fatal``: the endpoint refuses every request (HTTP 401/403/404/405: key, model or URL); otherwise the failure
+    belongs to this request (retryable: timeouts, 5xx, 429 after the retries; or not: HTTP 400 such as "maximum
+    context length exceeded", an oversized answer)."""
 
     def __init__(self, message: str, status: int | None = None, retryable: bool = False, attempts: int = 1) -> None:
         super().__init__(message)
         self.status = status
         self.retryable = retryable
         self.attempts = attempts
+
+    @property
+    def fatal(self) -> bool:
+        return self.status in FATAL_STATUS
+
+
+class _Expired(TimeoutError):
+    """The request's overall deadline passed (however slowly the server was still sending)."""
+
+
+@dataclass
+class Completion:
+    """One answer: the assistant's text and the server's ``finish_reason`` (``"length"``: cut at ``max_tokens``)."""
+
+    text: str
+    finish_reason: str | None = None
 
 
 def redact(text: str, secret: str | None) -> str:
@@ -87,22 +113,33 @@ def user_message(text: str, images: Sequence[Any] = (), fmt: str = "PNG") -> dic
 class ChatClient:
     """OpenAI-compatible ``/chat/completions`` client.
 
-    ``base_url`` ends before ``/chat/completions`` (``http://host:port/v1``). Transient failures (connection errors,
-    timeouts, HTTP 408/409/425/429/5xx, an unreadable body) are retried ``max_retries`` times with exponential backoff
-    (``backoff * 2**attempt`` seconds plus up to ``backoff`` of jitter, at most ``max_backoff``; a ``Retry-After``
-    header wins when shorter than ``max_backoff``). At most ``concurrency`` requests are in flight per client,
-    whatever the number of calling threads.
+    ``base_url`` ends before ``/chat/completions`` (``http://host:port/v1``). ``timeout`` is the deadline of one
+    request, from connecting to the last byte of the answer: a server that trickles its answer is cut off there
+    (a watchdog shuts the socket; per-read socket timeouts alone never fire against one byte every few seconds).
+    Transient failures (connection errors, deadlines, HTTP 408/409/425/429/5xx, an unreadable body) are retried
+    ``max_retries`` times with exponential backoff (``backoff * 2**attempt`` seconds plus up to ``backoff`` of jitter,
+    at most ``max_backoff``; a ``Retry-After`` header wins when shorter than ``max_backoff``). ``call_timeout``
+    (None: no extra bound) caps one ``chat`` call, all attempts and waits included: an attempt gets the smaller of
+    ``timeout`` and what is left. So one call takes at most ``min(call_timeout, (max_retries + 1) * timeout +
+    max_retries * max_backoff)`` seconds (plus name resolution, which the OS bounds). Answers over
+    ``max_response_bytes`` fail (not retried). At most ``concurrency`` requests are in flight per client, whatever
+    the number of calling threads.
     """
 
     def __init__(self, base_url: str, model: str, api_key_env: str | None = None, timeout: float = 60.0,
                  max_retries: int = 3, backoff: float = 1.0, max_backoff: float = 30.0, concurrency: int = 4,
-                 default_params: dict[str, Any] | None = None, headers: dict[str, str] | None = None) -> None:
+                 default_params: dict[str, Any] | None = None, headers: dict[str, str] | None = None,
+                 call_timeout: float | None = None, max_response_bytes: int = 32 << 20) -> None:
         if not base_url or not base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url {base_url!r} must start with http:// or https://")
         if not model:
             raise ValueError("model must name the served model")
         if int(concurrency) < 1:
             raise ValueError(f"concurrency = {concurrency} must be >= 1")
+        if not float(timeout) > 0:
+            raise ValueError(f"timeout = {timeout} must be > 0 (seconds per request)")
+        if call_timeout is not None and not float(call_timeout) > 0:
+            raise ValueError(f"call_timeout = {call_timeout} must be > 0 or None")
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.api_key_env = api_key_env
@@ -113,6 +150,8 @@ class ChatClient:
                 raise ValueError(f"environment variable {api_key_env!r} (api_key_env) is not set or empty")
             self._key = key
         self.timeout = float(timeout)
+        self.call_timeout = None if call_timeout is None else float(call_timeout)
+        self.max_response_bytes = int(max_response_bytes)
         self.max_retries = int(max_retries)
         self.backoff = float(backoff)
         self.max_backoff = float(max_backoff)
@@ -137,61 +176,152 @@ class ChatClient:
     def _redact(self, text: str) -> str:
         return redact(text, self._key)
 
-    def _request(self, body: bytes) -> tuple[int, bytes, dict[str, str]]:
+    def _request(self, body: bytes, deadline: float) -> tuple[int, bytes, dict[str, str]]:
+        """POST ``body``; the status, body and headers of the answer, all of it before ``deadline`` (monotonic) or
+        ``_Expired``."""
         headers = {"Content-Type": "application/json", "Accept": "application/json", **self.headers}
         if self._key:
             headers["Authorization"] = f"Bearer {self._key}"
-        req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
         with self._sem:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _Expired("no time left for this request")
+            conn, path, extra = self._connection(left)
+            expired = threading.Event()
+
+            def cut() -> None:  # unblocks a read that is still trickling in at the deadline
+                expired.set()
+                sock = conn.sock
+                if sock is not None:
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
+            watchdog = threading.Timer(left, cut)
+            watchdog.daemon = True
+            watchdog.start()
             try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310 (http(s) checked above)
-                    return resp.status, resp.read(), dict(resp.headers.items())
-            except urllib.error.HTTPError as e:
                 try:
-                    data = e.read()
-                except OSError:
-                    data = b""
-                return e.code, data, dict(e.headers.items()) if e.headers else {}
+                    conn.connect()  # bounded by the socket timeout (left), TLS handshake included
+                    if expired.is_set():
+                        raise _Expired(f"no connection within {self.timeout:g} s")
+                    conn.request("POST", path, body=body, headers={**headers, **extra})
+                    resp = conn.getresponse()
+                    data = self._read(resp, conn, deadline)
+                    if expired.is_set():
+                        raise _Expired("deadline passed")
+                    return resp.status, data, dict(resp.getheaders())
+                except (OSError, http.client.HTTPException):
+                    if expired.is_set():
+                        raise _Expired(f"no complete answer within {self.timeout:g} s") from None
+                    raise
+            finally:
+                watchdog.cancel()
+                conn.close()
+
+    def _connection(self, timeout: float) -> tuple[http.client.HTTPConnection, str, dict[str, str]]:
+        """A connection to the endpoint (through the environment's proxy, as urllib would), the request target and
+        the proxy's headers."""
+        u = urllib.parse.urlsplit(self.url)
+        host, port = u.hostname or "", u.port
+        path = u.path + (f"?{u.query}" if u.query else "")
+        proxy = urllib.request.getproxies().get(u.scheme)
+        if proxy and urllib.request.proxy_bypass(host):
+            proxy = None
+        if not proxy:
+            if u.scheme == "https":
+                return (http.client.HTTPSConnection(host, port, timeout=timeout,
+                                                    context=ssl.create_default_context()), path, {})
+            return http.client.HTTPConnection(host, port, timeout=timeout), path, {}
+        p = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        auth = {}
+        if p.username:
+            cred = f"{urllib.parse.unquote(p.username)}:{urllib.parse.unquote(p.password or '')}"
+            auth = {"Proxy-Authorization": "Basic " + base64.b64encode(cred.encode()).decode("ascii")}
+        if u.scheme == "https":  # CONNECT tunnel, then TLS to the endpoint
+            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+                p.hostname or "", p.port, timeout=timeout, context=ssl.create_default_context())
+            conn.set_tunnel(host, port, headers=auth)
+            return conn, path, {}
+        return http.client.HTTPConnection(p.hostname or "", p.port, timeout=timeout), self.url, auth
+
+    def _read(self, resp: http.client.HTTPResponse, conn: http.client.HTTPConnection, deadline: float) -> bytes:
+        """The body in chunks, each read bounded by the time left; over ``max_response_bytes`` raises ChatError."""
+        size = resp.getheader("Content-Length")
+        if size and size.isdigit() and int(size) > self.max_response_bytes:
+            raise ChatError(f"{self.url}: the answer is {int(size)} bytes, more than max_response_bytes = "
+                            f"{self.max_response_bytes}", status=resp.status)
+        parts: list[bytes] = []
+        total = 0
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _Expired(f"no complete answer within {self.timeout:g} s")
+            if conn.sock is not None:
+                conn.sock.settimeout(left)
+            chunk = resp.read1(_CHUNK) if hasattr(resp, "read1") else resp.read(_CHUNK)
+            if not chunk:
+                return b"".join(parts)
+            parts.append(chunk)
+            total += len(chunk)
+            if total > self.max_response_bytes:
+                raise ChatError(f"{self.url}: the answer is longer than max_response_bytes = "
+                                f"{self.max_response_bytes}", status=resp.status)
 
     def chat(self, messages: Sequence[dict[str, Any]], **params: Any) -> str:
         """Send one conversation and return the assistant's text; raise ChatError when it finally fails."""
+        return self.complete(messages, **params).text
+
+    def complete(self, messages: Sequence[dict[str, Any]], **params: Any) -> Completion:
+        """Send one conversation and return the answer with its ``finish_reason``; raise ChatError when it finally
+        fails (see the class docstring for retries and time bounds)."""
         payload = {"model": self.model, "messages": list(messages), **self.default_params, **params}
         body = json.dumps(payload).encode("utf-8")
+        t0 = time.monotonic()
+        end = None if self.call_timeout is None else t0 + self.call_timeout
         last = "no attempt"
+        attempts = 0
         for attempt in range(self.max_retries + 1):
+            deadline = time.monotonic() + self.timeout
+            if end is not None:
+                deadline = min(deadline, end)
             delay: float | None = None
+            attempts = attempt + 1
             try:
-                status, data, headers = self._request(body)
-            except (OSError, http.client.HTTPException) as e:  # URLError, timeouts, resets, truncated bodies
+                status, data, headers = self._request(body, deadline)
+            except _Expired as e:
+                last = f"timed out: {e}"
+            except (OSError, http.client.HTTPException) as e:  # refused, resets, socket timeouts, truncated bodies
                 reason = getattr(e, "reason", e)
                 last = self._redact(f"{type(e).__name__}: {reason}")
-                retryable = True
             else:
                 if status == 200:
                     try:
-                        return _content(json.loads(data.decode("utf-8")))
+                        return _completion(json.loads(data.decode("utf-8")))
                     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, IndexError, TypeError) as e:
                         last = self._redact(f"unreadable response body ({type(e).__name__}: {e}): "
                                             f"{data[:200]!r}")
-                        retryable = True
                 else:
                     last = self._redact(f"HTTP {status}: {data[:300].decode('utf-8', 'replace')}")
-                    retryable = status in RETRYABLE_STATUS
                     delay = _retry_after(headers)
-                    if not retryable:
-                        raise ChatError(f"{self.url}: {last}", status=status, retryable=False, attempts=attempt + 1)
+                    if status not in RETRYABLE_STATUS:
+                        raise ChatError(f"{self.url}: {last}", status=status, retryable=False, attempts=attempts)
             if attempt == self.max_retries:
                 break
             wait = self.backoff * (2 ** attempt) + self._rng.uniform(0, self.backoff)
             if delay is not None:
                 wait = delay
             wait = min(wait, self.max_backoff)
+            if end is not None and time.monotonic() + wait >= end:
+                last += f"; call_timeout = {self.call_timeout:g} s spent"
+                break
             logger.warning("chat request to %s failed (%s); retry %d/%d in %.1f s", self.url, last, attempt + 1,
                            self.max_retries, wait)
             if wait > 0:
                 time.sleep(wait)
-        raise ChatError(f"{self.url}: {last} (after {self.max_retries + 1} attempts)", retryable=True,
-                        attempts=self.max_retries + 1)
+        raise ChatError(f"{self.url}: {last} (after {attempts} attempts, {time.monotonic() - t0:.1f} s)",
+                        retryable=True, attempts=attempts)
 
     def chat_many(self, conversations: Sequence[Sequence[dict[str, Any]]],
                   **params: Any) -> list[str | ChatError]:
@@ -209,15 +339,16 @@ class ChatClient:
             return list(pool.map(one, conversations))
 
 
-def _content(resp: dict[str, Any]) -> str:
-    """Assistant text of a chat completion (string content or a list of text parts)."""
-    msg = resp["choices"][0]["message"]
-    content = msg.get("content")
+def _completion(resp: dict[str, Any]) -> Completion:
+    """Assistant text (string content or a list of text parts) and finish reason of a chat completion."""
+    choice = resp["choices"][0]
+    content = choice["message"].get("content")
     if content is None:
         raise KeyError("message.content is null")
     if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return str(content)
+        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    reason = choice.get("finish_reason")
+    return Completion(str(content), reason if isinstance(reason, str) else None)
 
 
 def _retry_after(headers: dict[str, str]) -> float | None:
@@ -230,4 +361,4 @@ def _retry_after(headers: dict[str, str]) -> float | None:
     return None
 
 
-__all__ = ["ChatClient", "ChatError", "image_to_data_url", "redact", "user_message"]
+__all__ = ["ChatClient", "ChatError", "Completion", "FATAL_STATUS", "image_to_data_url", "redact", "user_message"]

@@ -11,7 +11,8 @@
         stub.requests                        # [(path, headers, json)] in arrival order
 
 A responder returns the assistant text, or a ``Reply`` for anything else (HTTP status, a delay before answering, a
-raw body, extra headers). ``stub.script(...)`` queues replies served first, in order, before the responder.
+raw body, extra headers, a ``finish_reason``, a server that trickles its answer one byte at a time).
+``stub.script(...)`` queues replies served first, in order, before the responder.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ class Reply:
     delay: float = 0.0
     body: str | bytes | None = None  # raw body instead of a chat completion
     headers: dict[str, str] = field(default_factory=dict)
+    finish_reason: str = "stop"
+    trickle: float = 0.0  # > 0: send the response one byte every `trickle` seconds...
+    trickle_after: int = 0  # ...after sending its first `trickle_after` bytes at once (0: from the status line)
 
 
 Responder = Callable[[dict[str, Any], int], "str | Reply"]
@@ -43,6 +47,7 @@ class OpenAIStub:
         self.responder = responder or (lambda req, n: "ok")
         self.require_key = require_key
         self.requests: list[tuple[str, dict[str, str], dict[str, Any]]] = []
+        self.trickled = 0  # bytes sent one at a time by trickling replies
         self._queue: deque[str | Reply] = deque()
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
@@ -117,9 +122,11 @@ class OpenAIStub:
                 else:
                     body = json.dumps({
                         "id": f"stub-{len(stub.requests)}", "object": "chat.completion", "model": req.get("model"),
-                        "choices": [{"index": 0, "finish_reason": "stop",
+                        "choices": [{"index": 0, "finish_reason": r.finish_reason,
                                      "message": {"role": "assistant", "content": r.content}}],
                     }).encode()
+                if r.trickle > 0:
+                    return self._trickle(r.status, body, r.headers, r.trickle, r.trickle_after)
                 self._send(r.status, body, r.headers)
 
             def _send(self, status: int, body: bytes, headers: dict[str, str]) -> None:
@@ -132,6 +139,25 @@ class OpenAIStub:
                     self.end_headers()
                     self.wfile.write(body)
                 except (BrokenPipeError, ConnectionResetError):  # the client timed out and went away
+                    pass
+
+            def _trickle(self, status: int, body: bytes, headers: dict[str, str], every: float, after: int) -> None:
+                head = [f"HTTP/1.1 {status} OK", "Content-Type: application/json", f"Content-Length: {len(body)}",
+                        "Connection: close", *(f"{k}: {v}" for k, v in headers.items())]
+                raw = ("\r\n".join(head) + "\r\n\r\n").encode() + body
+                self.close_connection = True
+                try:
+                    self.wfile.write(raw[:after])
+                    self.wfile.flush()
+                    for i in range(after, len(raw)):
+                        if stub._server is None:
+                            return
+                        time.sleep(every)
+                        self.wfile.write(raw[i:i + 1])
+                        self.wfile.flush()
+                        with stub._lock:
+                            stub.trickled += 1
+                except OSError:  # the client gave up and closed the connection
                     pass
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
