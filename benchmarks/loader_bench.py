@@ -269,10 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         n = args.images
         plain = DatasetMapper(cfg, True)
         image_mapper = ACPDatasetMapper(cfg, True)
-        paste_mapper = ACPDatasetMapper(cfg, True, paste_source=paste_source)
-        paste_mapper.paste_params = params
-        xpaste_mapper = make_xpaste_mapper(ACPDatasetMapper)(cfg, True, paste_source=paste_source)
-        xpaste_mapper.paste_params = params
+        paste_mapper = ACPDatasetMapper(cfg, True, paste_source=paste_source, paste_params=params)
+        xpaste_mapper = make_xpaste_mapper(ACPDatasetMapper)(cfg, True, paste_source=paste_source, paste_params=params)
 
         s_ratio, s_real = sampler(0.5), sampler(0.0)
         refs_ratio, refs_real = take_stream(s_ratio, n), take_stream(s_real, n)

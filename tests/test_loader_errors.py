@@ -196,3 +196,48 @@ def test_check_function_reports_before_any_loader_is_built(world, tmp_path):
     cfg = world_cfg(world, tmp_path / "out", "concat", CATEGORIES="red_disk,not_a_category")
     with pytest.raises(ACPLoaderError, match=r"ACP.CATEGORIES .*not_a_category"):
         check_acp_train_data(cfg)
+
+
+# ----- the two-layer shape (detectron2's from_config + @configurable builder) ----------------------------------------
+def _signature(loader, n: int = 3) -> list:
+    import itertools
+
+    return [(d["image_id"], int(d["image"].sum()), d["instances"].gt_sources.tolist(),
+             d["instances"].gt_boxes.tensor.tolist()) for b in itertools.islice(iter(loader), n) for d in b]
+
+
+def test_explicit_parts_build_the_same_stream_as_the_config(world, tmp_path):
+    from acp_data.d2.loader import _train_loader_from_config, build_acp_train_loader
+    from acp_data.d2.mapper import ACPDatasetMapper
+    from acp_data.d2.sampler import RatioSampler
+
+    cfg = world_cfg(world, tmp_path / "cfg", "ratio+paste", SYNTH_RATIO=0.5, **{"PASTE.PROB": 0.8})
+    cfg.DATALOADER.ASPECT_RATIO_GROUPING = False
+    from_cfg = _signature(build_acp_train_loader(cfg))
+    parts = _train_loader_from_config(cfg)  # checks, MIX_MODE resolved once, acp_run.json written
+    assert isinstance(parts["sampler"], RatioSampler) and parts["sampler"].ratio == 0.5
+    assert isinstance(parts["mapper"], ACPDatasetMapper) and parts["mapper"].paste_source is not None
+    assert parts["synthetic"] is not None and not parts["online"]
+    assert json.loads((tmp_path / "cfg" / "acp_run.json").read_text())["mix_mode"] == "ratio+paste"
+    assert _signature(build_acp_train_loader(**parts)) == from_cfg
+    # a mapper given to the cfg form replaces the default one (as in detectron2's build_detection_train_loader)
+    seen = []
+
+    class Recording(ACPDatasetMapper):
+        def __call__(self, dataset_dict, sample_key=None):
+            seen.append(sample_key)
+            return super().__call__(dataset_dict, sample_key)
+
+    mapper = Recording(cfg, True, paste_source=parts["mapper"].paste_source)
+    assert _signature(build_acp_train_loader(cfg, mapper=mapper)) == from_cfg and seen
+
+
+def test_paste_mode_resolves_to_a_real_only_stream(world, tmp_path):
+    from acp_data.d2.loader import MixMode, _train_loader_from_config
+
+    cfg = world_cfg(world, tmp_path / "p", "paste", SYNTH_RATIO=0.5)
+    mix = MixMode.from_cfg(cfg)
+    assert (mix.images, mix.ratio, mix.paste, mix.concat) == (False, 0.0, True, False)
+    parts = _train_loader_from_config(cfg)
+    assert parts["synthetic"] is None and parts["sampler"].ratio == 0.0
+    assert MixMode.from_cfg(world_cfg(world, tmp_path / "c", "concat", SYNTH_RATIO=0.5)).ratio == 0.0

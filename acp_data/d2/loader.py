@@ -20,11 +20,13 @@ import logging
 import os
 import random
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch.utils.data as torchdata
+from detectron2.config import configurable
 
 from ..categories import GROUP_NAMES, CategoryError, CategoryTable
 from ..fsio import atomic_write_json
@@ -249,10 +251,27 @@ def _online_replay_dir(cfg: Any) -> str:
     return str(cfg.ACP.ONLINE_REPLAY or os.environ.get(REPLAY_ENV, ""))
 
 
-def _uses_images(cfg: Any) -> bool:
-    """Whole synthetic images in the stream: always in concat, in the ratio modes when the ratio is > 0."""
-    mode = cfg.ACP.MIX_MODE
-    return mode == "concat" or (mode in ("ratio", "ratio+paste") and float(cfg.ACP.SYNTH_RATIO) > 0)
+@dataclass(frozen=True)
+class MixMode:
+    """``ACP.MIX_MODE`` (with ``ACP.SYNTH_RATIO``) resolved once: what the stream is made of (docs/mixing.md)."""
+
+    name: str
+    images: bool  # whole synthetic images in the stream: always in concat, in the ratio modes when the ratio is > 0
+    ratio: float  # ratio modes: the synthetic fraction of stream positions (0 without synthetic images)
+    paste: bool  # cut-outs from the crop store pasted onto real images
+
+    @property
+    def concat(self) -> bool:
+        """Repeat-factor sampling over the union of real and synthetic images (the paper's method)."""
+        return self.name == "concat"
+
+    @classmethod
+    def from_cfg(cls, cfg: Any) -> MixMode:
+        """From a validated config (``validate_acp_config``)."""
+        mode = cfg.ACP.MIX_MODE
+        images = mode == "concat" or (mode in ("ratio", "ratio+paste") and float(cfg.ACP.SYNTH_RATIO) > 0)
+        ratio = float(cfg.ACP.SYNTH_RATIO) if images and mode != "concat" else 0.0
+        return cls(name=mode, images=images, ratio=ratio, paste="paste" in mode)
 
 
 def _prepare_synthetic(cfg: Any) -> tuple[CategoryTable, Any, Any, Any]:
@@ -273,6 +292,7 @@ def _prepare_synthetic(cfg: Any) -> tuple[CategoryTable, Any, Any, Any]:
     a = cfg.ACP
     if not a.ENABLED:
         raise ACPLoaderError("config key ACP.ENABLED is False: use detectron2's build_detection_train_loader")
+    mix = MixMode.from_cfg(cfg)
     _repeat_settings(cfg)
     table, real_source = _real_category_table(cfg.DATASETS.TRAIN)
     check_categories(table, real_source, a.CACHE_DIRS)
@@ -283,13 +303,12 @@ def _prepare_synthetic(cfg: Any) -> tuple[CategoryTable, Any, Any, Any]:
     name = register_acp_synthetic(cfg.DATASETS.TRAIN[0], list(a.CACHE_DIRS), cfg.DATASETS.TRAIN[0], selection,
                                   box_mode=a.BOX)
     synth = DatasetCatalog.get(name)
-    if _uses_images(cfg) and len(synth) == 0:
-        mode = a.MIX_MODE
-        raise ACPLoaderError(f"ACP.MIX_MODE = {mode!r}" + (f" with ACP.SYNTH_RATIO = {a.SYNTH_RATIO}"
-                             if mode != "concat" else "") + " but no synthetic sample is usable after the load-time "
+    if mix.images and len(synth) == 0:
+        raise ACPLoaderError(f"ACP.MIX_MODE = {mix.name!r}" + (f" with ACP.SYNTH_RATIO = {a.SYNTH_RATIO}"
+                             if not mix.concat else "") + " but no synthetic sample is usable after the load-time "
                              f"selection: {_describe_selection(synth.result.stats, cfg)}. Loosen the filters or add "
                              f"samples to {list(a.CACHE_DIRS)}")
-    paste_source = build_paste_source(cfg, selection, table) if "paste" in a.MIX_MODE else None
+    paste_source = build_paste_source(cfg, selection, table) if mix.paste else None
     return table, selection, synth, paste_source
 
 
@@ -299,21 +318,22 @@ def check_acp_train_data(cfg: Any) -> None:
     _prepare_synthetic(cfg)
 
 
-def build_acp_train_loader(cfg: Any) -> Any:
-    """The train loader of an ACP run (see the module docstring); called by ``tools/train_net.py``."""
-    from detectron2.data import DatasetFromList, build_detection_train_loader, get_detection_dataset_dicts
+def _train_loader_from_config(cfg: Any, mapper: Any = None) -> dict[str, Any]:
+    """The arguments of :func:`build_acp_train_loader` from a config: runs the start-up checks (one ``ACPLoaderError``
+    each), resolves ``ACP.MIX_MODE`` once into a sampler and a paste source (in the default mapper), starts the online
+    schedule (``ACP.ONLINE``), and writes ``OUTPUT_DIR/acp_run.json`` (rank 0). A ``mapper`` given replaces the
+    default ``ACPDatasetMapper(cfg, True, paste_source=...)``."""
+    from detectron2.data import get_detection_dataset_dicts
     from detectron2.utils import comm
 
     from .mapper import ACPDatasetMapper
 
     table, selection, synth, paste_source = _prepare_synthetic(cfg)
     a = cfg.ACP
-    mode = a.MIX_MODE
+    mix = MixMode.from_cfg(cfg)
     seed = int(cfg.SEED)
     thresh, rsqrt = _repeat_settings(cfg)
-    uses_images = _uses_images(cfg)
     rank, world = comm.get_rank(), comm.get_world_size()
-    total_batch = int(cfg.SOLVER.IMS_PER_BATCH)
 
     # real data, as detectron2 loads it
     real_dicts = get_detection_dataset_dicts(
@@ -326,10 +346,11 @@ def build_acp_train_loader(cfg: Any) -> Any:
     real_cats = ImageCategories.from_dataset_dicts(real_dicts)
     real_factors = image_repeat_factors(real_cats, thresh, rsqrt)
     freq = _frequency_of(table)
-    mapper = ACPDatasetMapper(cfg, True, paste_source=paste_source)
+    if mapper is None:
+        mapper = ACPDatasetMapper(cfg, True, paste_source=paste_source)
 
     # the stream
-    online = bool(a.ONLINE) and uses_images
+    online = bool(a.ONLINE) and mix.images
     schedule: PoolSchedule
     publisher = None
     synthetic_of: Any = StaticVersions(synth)
@@ -339,25 +360,45 @@ def build_acp_train_loader(cfg: Any) -> Any:
         schedule = PoolSchedule(synth_pool(synth))
     common = dict(seed=seed, num_real=len(real_dicts), real_factors=real_factors, schedule=schedule,
                   synth_sampling=a.SYNTH_SAMPLING, rank=rank, world_size=world)
-    if mode == "concat":
+    if mix.concat:
         sampler: MixSampler = ConcatSampler(real_categories=real_cats, repeat_thresh=thresh, repeat_sqrt=rsqrt,
                                             **common)
     else:
-        ratio = float(a.SYNTH_RATIO) if mode in ("ratio", "ratio+paste") else 0.0
-        sampler = RatioSampler(ratio=ratio if uses_images else 0.0, **common)
+        sampler = RatioSampler(ratio=mix.ratio, **common)
 
     # what the run will see, logged and recorded
-    summary = _summarise(cfg, real_dicts, real_cats, synth, freq, sampler, thresh, rsqrt, uses_images, paste_source)
+    summary = _summarise(cfg, real_dicts, real_cats, synth, freq, sampler, thresh, rsqrt, mix, paste_source)
     _log_summary(summary)
     if rank == 0:
         os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
         atomic_write_json(Path(cfg.OUTPUT_DIR) / RUN_FILE, summary)
 
-    dataset = MixedDataset(DatasetFromList(real_dicts, copy=False), synthetic_of if uses_images else None, mapper,
-                           sampler, seed)
-    loader = build_detection_train_loader(dataset=dataset, sampler=sampler, mapper=None, total_batch_size=total_batch,
-                                          aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
-                                          num_workers=cfg.DATALOADER.NUM_WORKERS)
+    return {"dataset": real_dicts, "synthetic": synthetic_of if mix.images else None, "sampler": sampler,
+            "mapper": mapper, "seed": seed, "total_batch_size": int(cfg.SOLVER.IMS_PER_BATCH),
+            "aspect_ratio_grouping": cfg.DATALOADER.ASPECT_RATIO_GROUPING,
+            "num_workers": cfg.DATALOADER.NUM_WORKERS, "online": online, "publisher": publisher}
+
+
+@configurable(from_config=_train_loader_from_config)
+def build_acp_train_loader(dataset: Any, *, synthetic: Callable[[int], Any] | None, sampler: MixSampler, mapper: Any,
+                           total_batch_size: int, aspect_ratio_grouping: bool = True, num_workers: int = 0,
+                           seed: int | None = None, online: bool = False, publisher: Any = None) -> Any:
+    """The train loader of an ACP run, as detectron2's ``build_detection_train_loader``: ``build_acp_train_loader(cfg)``
+    (``tools/train_net.py``; see the module docstring), or from explicit parts:
+
+    ``dataset`` the real dataset dicts (a list, or a map-style dataset); ``synthetic`` pool version -> synthetic
+    dataset (:class:`StaticVersions`, the online schedule's lookup; ``None``: no synthetic images); ``sampler`` a
+    :class:`MixSampler` over both; ``mapper`` called as ``mapper(record, sample_key=...)``; ``seed`` keys the
+    augmentation and paste choices (default ``sampler.seed``); ``online`` wraps the loader so that ``publisher`` (rank
+    0 of a live online run, else ``None``) publishes the next snapshot every refresh interval.
+    """
+    from detectron2.data import DatasetFromList, build_detection_train_loader
+
+    real = DatasetFromList(dataset, copy=False) if isinstance(dataset, list) else dataset
+    mixed = MixedDataset(real, synthetic, mapper, sampler, sampler.seed if seed is None else seed)
+    loader = build_detection_train_loader(dataset=mixed, sampler=sampler, mapper=None,
+                                          total_batch_size=total_batch_size,
+                                          aspect_ratio_grouping=aspect_ratio_grouping, num_workers=num_workers)
     if online:
         from .online import OnlineLoader
 
@@ -366,8 +407,10 @@ def build_acp_train_loader(cfg: Any) -> Any:
 
 
 def _summarise(cfg: Any, real_dicts: list, real_cats: ImageCategories, synth: Any, freq: dict[int, str],
-               sampler: MixSampler, thresh: float, rsqrt: bool, uses_images: bool, paste_source: Any) -> dict:
+               sampler: MixSampler, thresh: float, rsqrt: bool, mix: MixMode, paste_source: Any) -> dict:
+    """The content of ``acp_run.json``: what the run will see."""
     a = cfg.ACP
+    uses_images = mix.images
     real_inst: dict[int, int] = {}
     for d in real_dicts:
         for ann in d.get("annotations", ()):
@@ -385,12 +428,12 @@ def _summarise(cfg: Any, real_dicts: list, real_cats: ImageCategories, synth: An
         "total_batch_size": int(cfg.SOLVER.IMS_PER_BATCH), "world_size": sampler.world_size,
         "online": bool(a.ONLINE),
     }
-    if a.MIX_MODE == "concat":
+    if mix.concat:
         desc = describe_concat_factors(real_cats, synth_pool(synth).categories, thresh, rsqrt, freq)
         out["concat_repeat_factors"] = desc
         out["effective_synthetic_fraction"] = desc["synthetic_fraction"]
     else:
-        out["synth_ratio"] = float(a.SYNTH_RATIO) if uses_images else 0.0
+        out["synth_ratio"] = mix.ratio
         out["synth_sampling"] = a.SYNTH_SAMPLING
         out["effective_synthetic_fraction"] = sampler.synthetic_fraction(100_000) if uses_images else 0.0
     if paste_source is not None:

@@ -123,6 +123,7 @@ class PasteSource:
 
 
 def paste_params_from_cfg(cfg: Any) -> PasteParams:
+    """The ``ACP.PASTE.*`` settings as :class:`PasteParams`."""
     p = cfg.ACP.PASTE
     return PasteParams(prob=float(p.PROB), max_instances=int(p.MAX_INSTANCES),
                        scale_range=(float(p.SCALE_RANGE[0]), float(p.SCALE_RANGE[1])),
@@ -150,9 +151,12 @@ class ACPDatasetMapper(DatasetMapper):
             raise ValueError("paste mode does not support precomputed proposals or keypoints")
 
     @classmethod
-    def from_config(cls, cfg: Any, is_train: bool = True, paste_source: PasteSource | None = None) -> dict[str, Any]:
+    def from_config(cls, cfg: Any, is_train: bool = True, paste_source: PasteSource | None = None,
+                    paste_params: PasteParams | None = None) -> dict[str, Any]:
+        """detectron2's mapper arguments plus paste mode's: ``paste_params`` default to ``ACP.PASTE.*``."""
         ret = DatasetMapper.from_config(cfg, is_train)
-        ret.update(paste_source=paste_source, paste_params=paste_params_from_cfg(cfg), seed=int(cfg.SEED))
+        ret.update(paste_source=paste_source, paste_params=paste_params or paste_params_from_cfg(cfg),
+                   seed=int(cfg.SEED))
         return ret
 
     # ----- entry point ------------------------------------------------------------------------------------------------
