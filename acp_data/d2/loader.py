@@ -12,6 +12,10 @@ the real dataset's, synthetic samples survive the load-time selection (which fil
 non-empty crop store; then it writes ``OUTPUT_DIR/acp_run.json`` (mask format, mix mode, counts, effective synthetic
 fraction), which :func:`acp_data.d2.runfile.check_same_mask_format` reads to refuse comparing runs trained with
 different mask formats.
+
+Two layers, as detectron2's ``build_detection_train_loader``: :func:`_train_loader_from_config` (the checks,
+``MIX_MODE`` resolved once, the record) and the ``@configurable`` :func:`build_acp_train_loader` over explicit parts
+(docs/design.md "The stream contract").
 """
 
 from __future__ import annotations

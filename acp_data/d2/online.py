@@ -12,6 +12,7 @@ published. Every sampler (all ranks, all dataloader workers) knows the boundarie
 reaches one it reads that snapshot (waiting for the file if it is not there yet) and switches. The files stay in the
 output directory, so the run can be replayed exactly with ``ACP_ONLINE_REPLAY=<run dir>`` (or ``ACP.ONLINE_REPLAY``
 where the config has it): the sampler then reads the recorded snapshots and never waits.
+See docs/design.md "The stream contract".
 """
 
 from __future__ import annotations

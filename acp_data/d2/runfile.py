@@ -1,6 +1,6 @@
 """``acp_run.json``, the record the ACP train loader writes into ``OUTPUT_DIR``, and the one mask-format check over
-runs to be compared (polygon and bitmask training differ in mask targets, so such runs are not comparable: docs/
-design.md "detectron2 integration (contract)"). Light: no torch, no detectron2.
+runs to be compared: polygon and bitmask training differ in mask targets, so such runs are not comparable
+(docs/design.md "The stream contract"). Light: no torch, no detectron2.
 """
 
 from __future__ import annotations

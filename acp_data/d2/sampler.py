@@ -16,7 +16,7 @@ index derived from ``(SEED, position, attempt)`` (:meth:`MixSampler.replacement`
 
 Repeat-factor epochs follow detectron2's ``RepeatFactorTrainingSampler``: stochastic rounding of each image's factor,
 then a permutation; both seeded by ``(SEED, epoch)`` (a Philox generator keyed by the hash), and epochs are laid end
-to end along the positions.
+to end along the positions (docs/design.md "The stream contract").
 """
 
 from __future__ import annotations
