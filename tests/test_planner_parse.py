@@ -309,3 +309,46 @@ def test_layout_repairs_are_counted(desc_scene) -> None:
     assert v.ok, v.message()
     assert dict(v.repairs) == {"rename_id": 2, "drop_extra_object": 1}
     assert v.scene.ids == list(REQ)
+
+
+# ----- long, cut-off and runaway answers: bounded work -------------------------------------------------------------
+def test_scanner_is_linear_below_the_cap() -> None:
+    """200 K unclosed brackets: every one of them a candidate; the old per-candidate rescans took seconds."""
+    import time
+
+    from acp_data.plan.parse import MAX_ANSWER_CHARS
+
+    text = "[" * 200_000
+    assert len(text) < MAX_ANSWER_CHARS
+    t0 = time.perf_counter()
+    with pytest.raises(ParseError) as e:
+        extract_json(text)
+    assert e.value.code == "truncated" and time.perf_counter() - t0 < 1.0
+    # 62 unclosed candidates 4 K apart, then the answer: one pass, not 62 passes over 250 K
+    t0 = time.perf_counter()
+    assert extract_json(("[" + "a" * 4000) * 62 + json.dumps(GOOD_LAYOUT), accept=lambda v: isinstance(v, dict)) == \
+        GOOD_LAYOUT
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_megabyte_answers_cost_a_bounded_time() -> None:
+    import time
+
+    cases = [("[" * (2 << 20), None, "too_long"), ("[" * (2 << 20), "length", "truncated"),
+             ("{x y} " * 400_000, None, "too_long"), ("[" * 120_000 + "]" * 120_000, None, "bad_json")]
+    for text, finish, code in cases:
+        t0 = time.perf_counter()
+        v = parse_description(text, REQ, finish_reason=finish)
+        assert v.codes == [code] and time.perf_counter() - t0 < 2.0, (code, v.message())
+    # a complete answer followed by a runaway tail is read (its JSON lies within the characters read)
+    v = parse_layout(json.dumps(GOOD_LAYOUT) + " ha" * 1_000_000, parse_description(json.dumps(GOOD_DESC), REQ).scene,
+                     REQ, finish_reason="length")
+    assert v.ok, v.message()
+
+
+def test_echo_and_feedback_are_capped() -> None:
+    big = "x" * 2_000_000
+    assert len(prompts.echo(big)) < prompts.ECHO_CHARS + 64 and prompts.echo("short") == "short"
+    assert "more characters cut" in prompts.echo(big)
+    assert "much more briefly" in prompts.feedback_message("truncated: ...", shorter=True)["content"]
+    assert "briefly" not in prompts.feedback_message("missing_object: dog-1 is missing")["content"]

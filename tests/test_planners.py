@@ -244,6 +244,31 @@ def test_openai_transport_failures_are_retried_then_rejected(priors: Priors, key
     assert KEY not in caplog.text and "***" in caplog.text
 
 
+def test_openai_length_stop_and_runaway_answers(priors: Priors, key_env) -> None:
+    """A ``length`` stop is ``truncated`` and the retry asks for a shorter answer; a 2 MB answer is read in bounded
+    time and goes back to the model cut to ``prompts.ECHO_CHARS``."""
+    from acp_data.plan.prompts import ECHO_CHARS
+
+    unit = WorkUnit(0, (2, 3), 11, 2)
+    good = _good_answer(stub_req_desc())
+    with OpenAIStub(lambda req, n: _good_answer(req)) as stub:
+        planner = _planner(stub, priors, retries=3)
+        stub.script(Reply(content=good[:80], finish_reason="length"),
+                    Reply(content="[" * (2 << 20), finish_reason="length"),
+                    Reply(content="Sure. " + "[" * (2 << 20)), Reply(content=good))
+        t0 = time.monotonic()
+        res = planner.plan(unit)
+        elapsed = time.monotonic() - t0
+        assert res.scene is not None and res.attempts == 5, res.rejections
+        assert dict(res.rejections) == {"truncated": 2, "too_long": 1}
+        sizes = [len(json.dumps(r)) for _, _, r in stub.requests]
+        for _, _, req in stub.requests[1:4]:
+            assert req["messages"][-2]["role"] == "assistant" and len(req["messages"][-2]["content"]) < ECHO_CHARS + 64
+            assert "much more briefly" in req["messages"][-1]["content"]
+        assert max(sizes[1:4]) < sizes[0] + ECHO_CHARS + 2000  # never a 2 MB request
+    assert elapsed < 10.0, elapsed
+
+
 def test_openai_bad_key_raises(priors: Priors, key_env) -> None:
     with OpenAIStub(lambda req, n: _good_answer(req), require_key="another-key") as stub:
         planner = _planner(stub, priors)

@@ -15,7 +15,7 @@ from typing import Any
 from ..stages import Planner, PlanResult, StageContext, WorkUnit
 from . import prompts
 from .common import attempt_seed, requested_objects
-from .parse import Verdict, parse_description, parse_layout
+from .parse import TOO_LONG, TRUNCATED, Verdict, parse_description, parse_layout
 
 logger = logging.getLogger(__name__)
 
@@ -85,8 +85,10 @@ class ChatPlanner(Planner):
             for code in sorted(set(verdict.codes)):
                 result.rejections[code] += 1
             logger.debug("unit %d %s attempt %d rejected: %s", unit.index, stage, attempt, verdict.message())
-            messages = [*base, {"role": "assistant", "content": reply.text},
-                        prompts.feedback_message(verdict.message()[:1500])]
+            # the answer goes back cut to prompts.ECHO_CHARS; a cut-off answer gets asked for a shorter one
+            shorter = bool({TRUNCATED, TOO_LONG} & set(verdict.codes)) or reply.finish_reason == "length"
+            messages = [*base, {"role": "assistant", "content": prompts.echo(reply.text)},
+                        prompts.feedback_message(verdict.message()[:1500], shorter=shorter)]
         result.prompts.append(f"[{stage}] {base[-1]['content']}")
         return None
 

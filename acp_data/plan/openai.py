@@ -72,7 +72,8 @@ class OpenAIPlanner(ChatPlanner):
                                   "top_p": float(o["top_p"]), **o["extra_params"]}
         if o["send_seed"]:
             params["seed"] = int(seed)
-        return ChatReply(self.client.chat(messages, **params))
+        done = self.client.complete(messages, **params)
+        return ChatReply(done.text, done.finish_reason)
 
     def failure_reason(self, error: Exception) -> str | None:
         from ..http_client import ChatError

@@ -2,7 +2,8 @@
 a validated ``SceneGraph``.
 
 LLMs wrap JSON in code fences and prose, leave trailing commas, use single quotes or Python literals, and get cut
-off at the token limit. ``extract_json`` tolerates the first four and reports the last as ``truncated``. Every
+off at the token limit. ``extract_json`` tolerates the first four and reports the last as ``truncated``; it reads
+at most ``MAX_ANSWER_CHARS`` of an answer, in time linear in what it reads (a 2 MB answer costs what 256 KiB do). Every
 verdict is a list of named reasons: ``scene.py``'s codes plus the parse codes below, so a planner can count them
 and feed the message back to the model on retry.
 
@@ -47,9 +48,12 @@ from ..scene import (
 
 NO_JSON = "no_json"
 TRUNCATED = "truncated"
+TOO_LONG = "too_long"
 BAD_JSON = "bad_json"
 BAD_SCHEMA = "bad_schema"
-PARSE_REASONS = (NO_JSON, TRUNCATED, BAD_JSON, BAD_SCHEMA)
+PARSE_REASONS = (NO_JSON, TRUNCATED, TOO_LONG, BAD_JSON, BAD_SCHEMA)
+# Answers are read up to this many characters: a complete JSON value must start and end within them.
+MAX_ANSWER_CHARS = 1 << 18
 # Repairs counted by the parser (``SceneGraph.repair`` adds ``clip_box`` and ``normalize_id``).
 REPAIR_ACP_SHAPE = "acp_shape"
 REPAIR_RENAME_ID = "rename_id"
@@ -59,7 +63,7 @@ REPAIR_DROP_DANGLING = "drop_dangling_id"
 PARSE_REPAIRS = (REPAIR_ACP_SHAPE, REPAIR_RENAME_ID, REPAIR_DROP_EXTRA, REPAIR_DROP_RELATION, REPAIR_DROP_DANGLING)
 
 __all__ = [
-    "NO_JSON", "TRUNCATED", "BAD_JSON", "BAD_SCHEMA", "PARSE_REASONS", "PARSE_REPAIRS", "ParseError", "Verdict",
+    "NO_JSON", "TRUNCATED", "TOO_LONG", "BAD_JSON", "BAD_SCHEMA", "PARSE_REASONS", "MAX_ANSWER_CHARS", "PARSE_REPAIRS", "ParseError", "Verdict",
     "extract_json", "parse_description", "parse_layout", "description_to_scene", "layout_to_scene",
 ]
 
@@ -98,6 +102,7 @@ class Verdict:
 
 # ----- JSON extraction ----------------------------------------------------------------------------------------------
 _CLOSE = {"{": "}", "[": "]"}
+_OPEN = re.compile(r"[{\[]")
 
 
 def _apostrophe(text: str, i: int) -> bool:
@@ -105,10 +110,13 @@ def _apostrophe(text: str, i: int) -> bool:
     return 0 < i < len(text) - 1 and text[i - 1].isalpha() and text[i + 1].isalpha()
 
 
-def _scan(text: str, start: int) -> tuple[int | None, bool]:
-    """From an opening bracket at ``start``, the index just past its matching close (string-aware, both quote
-    styles), or ``(None, truncated)``: truncated when the text ends inside the value, else a bracket mismatch."""
-    stack = [_CLOSE[text[start]]]
+def _scan(text: str, start: int, found: dict[int, tuple[int | None, bool]]) -> int:
+    """One pass from the opening bracket at ``start`` (string-aware, both quote styles): records in ``found``, for it
+    and every bracket opened inside it outside strings, the index just past its matching close, or ``(None,
+    truncated)``: truncated when the text ends inside the value, else a bracket mismatch. Returns where the pass
+    stopped; a bracket opened at p inside the pass would scan exactly the same from p, so no pass is repeated and
+    extraction stays linear in the text."""
+    stack = [(start, _CLOSE[text[start]])]
     i, n = start + 1, len(text)
     quote: str | None = None
     while i < n:
@@ -124,15 +132,19 @@ def _scan(text: str, start: int) -> tuple[int | None, bool]:
         elif c in "\"'" and not (c == "'" and _apostrophe(text, i)):
             quote = c
         elif c in "{[":
-            stack.append(_CLOSE[c])
+            stack.append((i, _CLOSE[c]))
         elif c in "}]":
-            if c != stack[-1]:
-                return None, False
-            stack.pop()
+            if c != stack[-1][1]:
+                for p, _ in stack:
+                    found[p] = (None, False)
+                return i
+            found[stack.pop()[0]] = (i + 1, False)
             if not stack:
-                return i + 1, False
+                return i
         i += 1
-    return None, True
+    for p, _ in stack:
+        found[p] = (None, True)
+    return n
 
 
 _WORDS = {"True": "true", "False": "false", "None": "null", "true": "true", "false": "false", "null": "null",
@@ -202,55 +214,76 @@ def _to_json(span: str) -> str:
     return "".join(out)
 
 
-def _loads(span: str) -> Any:
+def _loads(span: str, budget: list[int]) -> Any:
+    """Parse a candidate as JSON, else as JSON-ish text rewritten by ``_to_json`` while ``budget[0]`` (characters
+    left to rewrite, shared by all candidates of an answer) lasts."""
     try:
         return json.loads(span, strict=False)
     except json.JSONDecodeError:
         pass
-    return json.loads(_to_json(span), strict=False)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    if len(span) > budget[0]:
+        raise ValueError("not JSON (and no rewrite budget left)")
+    budget[0] -= len(span)
+    try:
+        return json.loads(_to_json(span), strict=False)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
 
 
 def extract_json(text: str, accept: Callable[[Any], bool] | None = None, finish_reason: str | None = None) -> Any:
     """The first JSON value (object or array) in ``text`` that parses and satisfies ``accept``.
 
     Tries the contents of code fences first, then every opening bracket in order (prose may contain ``{...}``
-    placeholders). Raises ``ParseError`` with ``no_json`` (nothing like JSON), ``truncated`` (the answer ends inside a
-    value, or the generation hit its token limit without a complete value), ``bad_json`` (brackets balance but it
-    does not parse) or ``bad_schema`` (parses but ``accept`` refuses every candidate).
+    placeholders), brackets inside an earlier candidate's strings excepted. Reads the first ``MAX_ANSWER_CHARS`` of
+    ``text`` only. Raises ``ParseError`` with ``no_json`` (nothing like JSON), ``truncated`` (the answer ends inside
+    a value, or the generation hit its token limit without a complete value), ``too_long`` (no complete value in the
+    characters read of a longer answer), ``bad_json`` (brackets balance but it does not parse) or ``bad_schema``
+    (parses but ``accept`` refuses every candidate).
     """
     if not isinstance(text, str) or not text.strip():
         raise ParseError(TRUNCATED if finish_reason == "length" else NO_JSON, "the answer is empty")
+    cut_here = len(text) > MAX_ANSWER_CHARS
+    text = text[:MAX_ANSWER_CHARS]
     sources = [m.group(1) for m in re.finditer(r"```[a-zA-Z0-9_-]*[ \t]*\n?(.*?)```", text, flags=re.S)]
     fence_open = text.rfind("```")
-    if len(re.findall(r"```", text)) % 2 == 1 and fence_open >= 0:  # an unclosed fence: the answer was cut off
+    if text.count("```") % 2 == 1 and fence_open >= 0:  # an unclosed fence: the answer was cut off
         sources.append(text[fence_open:].split("\n", 1)[-1] if "\n" in text[fence_open:] else "")
     sources.append(text)
     seen_any = truncated = parsed_any = False
     errors: list[str] = []
     tried = 0
+    budget = [2 * len(text) + 4096]
     for src in sources:
-        pos = 0
-        while tried < _MAX_CANDIDATES:
-            m = re.compile(r"[{\[]").search(src, pos)
-            if m is None:
+        found: dict[int, tuple[int | None, bool]] = {}
+        covered = -1  # the last index an earlier pass of this source read
+        for m in _OPEN.finditer(src):
+            if tried >= _MAX_CANDIDATES:
                 break
             start = m.start()
+            if start > covered:
+                covered = _scan(src, start, found)
+            elif start not in found:  # inside a string of an earlier candidate
+                continue
             seen_any = True
             tried += 1
-            end, cut = _scan(src, start)
-            pos = start + 1
+            end, cut = found[start]
             if end is None:
                 truncated = truncated or cut
                 continue
             try:
-                value = _loads(src[start:end])
+                value = _loads(src[start:end], budget)
             except (json.JSONDecodeError, ValueError) as e:
                 errors.append(str(e))
                 continue
             parsed_any = True
             if accept is None or accept(value):
                 return value
-            pos = start + 1  # the expected object may be nested inside
+            # the expected object may be nested inside: the next candidates are the brackets within
+    if cut_here and finish_reason != "length":
+        raise ParseError(TOO_LONG, f"the answer is longer than {MAX_ANSWER_CHARS} characters and has no complete, "
+                                   "expected JSON in them")
     if truncated or (finish_reason == "length" and not parsed_any):
         raise ParseError(TRUNCATED, "the answer ends before its JSON is complete (token limit?)")
     if parsed_any:

@@ -12,7 +12,7 @@ from typing import Any
 
 __all__ = [
     "DESCRIPTION_SYSTEM", "LAYOUT_SYSTEM", "EXAMPLES", "description_messages", "layout_messages", "feedback_message",
-    "PROMPT_VERSION",
+    "echo", "ECHO_CHARS", "PROMPT_VERSION",
 ]
 
 # Bump when the wording or the examples change: it is part of the planner settings (and so of the generation key).
@@ -145,7 +145,22 @@ def layout_messages(ids: list[str], caption: str, shots: int = len(EXAMPLES),
     return _with_system(LAYOUT_SYSTEM, turns, system_role)
 
 
-def feedback_message(problems: str) -> dict[str, str]:
-    """The user turn that sends a rejected answer's problems back to the model on retry."""
-    return {"role": "user", "content": f"Your answer was rejected: {problems}. Correct these problems and answer "
-                                       "again with the complete JSON only."}
+# A rejected answer is sent back (as the assistant turn before the feedback) cut to this many characters: a runaway
+# answer of megabytes must not become a request of megabytes.
+ECHO_CHARS = 2000
+
+
+def echo(answer: str) -> str:
+    """A rejected answer as it is sent back on retry: at most ``ECHO_CHARS`` characters, the cut said."""
+    if len(answer) <= ECHO_CHARS:
+        return answer
+    return f"{answer[:ECHO_CHARS]}\n[... {len(answer) - ECHO_CHARS} more characters cut]"
+
+
+def feedback_message(problems: str, shorter: bool = False) -> dict[str, str]:
+    """The user turn that sends a rejected answer's problems back to the model on retry; ``shorter`` (the answer was
+    cut at the token limit or was far too long) asks for a shorter one."""
+    ask = ("Your answer was too long and was cut off. Answer again much more briefly: the JSON only, no explanation "
+           "or reasoning, one to three words per attribute and a one-sentence caption." if shorter else
+           "Correct these problems and answer again with the complete JSON only.")
+    return {"role": "user", "content": f"Your answer was rejected: {problems}. {ask}"}
