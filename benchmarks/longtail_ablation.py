@@ -37,8 +37,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
-import math
 import os
 import re
 import shlex
@@ -54,15 +54,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run from a checkout without installing the package
     sys.path.insert(0, str(REPO_ROOT))
 
-from acp_data.shapes.demo import (  # noqa: E402
-    CONFIG_DIR,
-    DemoPaths,
-    TrainJob,
-    child_env,
-    prepare_inputs,
-    seconds_per_iter,
-    write_json_atomic,
-)
+from acp_data.fsio import atomic_write_json, atomic_write_text  # noqa: E402
+from acp_data.shapes.demo import CONFIG_DIR, DemoPaths, prepare_inputs  # noqa: E402
+from acp_data.shapes.jobs import TrainJob, child_env, read_json, seconds_per_iter  # noqa: E402
 
 MATCH_PREFIX = "@match:"
 TASKS = ("segm", "bbox")
@@ -206,26 +200,26 @@ def shapes_grid(paths: DemoPaths, clip_cache: Path, full: bool = False) -> list[
 
 # ----- synthetic image counts -----------------------------------------------------------------------------------------
 def load_cfg(config: str, overrides: dict[str, str] | Sequence[str]):
-    """The detectron2 config a run trains with (``add_acp_config`` + file + ``KEY VALUE`` overrides)."""
-    from detectron2.config import get_cfg
+    """The detectron2 config a run trains with, read by ``tools/train_net.py``'s loader (``add_acp_config`` + file
+    + ``KEY VALUE`` overrides, validated)."""
+    from acp_data.d2 import config as d2_config
 
-    from acp_data.d2.config import add_acp_config
-
-    cfg = add_acp_config(get_cfg())
-    path = _resolve_config(config)
-    cfg.merge_from_file(str(path))
     flat = [x for kv in overrides.items() for x in kv] if isinstance(overrides, dict) else list(overrides)
-    if flat:
-        cfg.merge_from_list(flat)
-    return cfg
+    try:
+        return d2_config.load_cfg(str(_resolve_config(config)), flat)
+    except d2_config.ConfigError as e:
+        raise AblationError(str(e)) from e
 
 
 def _resolve_config(config: str) -> Path:
-    for cand in (Path(config), REPO_ROOT / config, REPO_ROOT / "configs" / config):
-        if cand.is_file():
-            return cand.absolute()  # the runs train with the checkout as working directory
-    raise AblationError(f"config file {config!r} not found (looked in {os.getcwd()}, {REPO_ROOT} and "
-                        f"{REPO_ROOT / 'configs'})")
+    """The config file as ``tools/train_net.py`` finds it, absolute (the runs train with the checkout as working
+    directory)."""
+    from acp_data.d2.config import ConfigError, resolve_config_file
+
+    try:
+        return Path(resolve_config_file(config)).absolute()
+    except ConfigError as e:
+        raise AblationError(str(e)) from e
 
 
 def count_synthetic(cfg) -> int:
@@ -412,32 +406,27 @@ def _f(m: dict[str, Any], task: str, metric: str) -> str:
 
 
 # ----- results ----------------------------------------------------------------------------------------------------------
-def _stats(vals: list[float]) -> tuple[float | None, float | None]:
-    if not vals:
-        return None, None
-    mean = sum(vals) / len(vals)
-    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
-    return mean, std
-
-
 def group_stats(runs: Sequence[PlannedRun]) -> dict[str, dict[str, Any]]:
-    """Per group (spec name): mean and sample std over seeds of every task/metric, and the seeds used."""
-    out: dict[str, dict[str, Any]] = {}
+    """Per group (spec name): mean and sample std over seeds of every task/metric (``acp-data report``'s
+    ``Group.stats``), and the seeds used."""
+    from acp_data.report import Group, Run
+
+    groups: dict[str, tuple[Group, list[int]]] = {}
     for r in runs:
         if r.status not in ("done", "trained"):
             continue
         m = json.loads((r.run_dir / "metrics.json").read_text())
-        g = out.setdefault(r.spec.name, {"seeds": [], "_vals": {}})
-        g["seeds"].append(r.seed)
+        g, seeds = groups.setdefault(r.spec.name, (Group(label=r.spec.name), []))
+        g.runs.append(Run(path=r.run_dir, name=r.name, metrics=m, config={}))
+        seeds.append(r.seed)
+    out: dict[str, dict[str, Any]] = {}
+    for name, (g, seeds) in groups.items():
+        out[name] = {"seeds": seeds}
         for t in TASKS:
             for k in METRICS:
-                v = (m.get(t) or {}).get(k)
-                if v is not None:
-                    g["_vals"].setdefault(f"{t}_{k}", []).append(float(v))
-    for g in out.values():
-        vals = g.pop("_vals")
-        for key, vs in vals.items():
-            g[f"{key}_mean"], g[f"{key}_std"] = _stats(vs)
+                mean, std, n = g.stats(t, k)
+                if n:
+                    out[name][f"{t}_{k}_mean"], out[name][f"{t}_{k}_std"] = mean, std
     return out
 
 
@@ -472,12 +461,11 @@ def write_results(runs: Sequence[PlannedRun], results: Path, command: str, elaps
             for k in METRICS:
                 row[f"{t}_{k}"] = (m.get(t) or {}).get(k)
         rows.append(row)
-    tmp = results / ".ablation.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, results / "ablation.csv")
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(results / "ablation.csv", buf.getvalue())
     done = [r for r in runs if r.status in ("done", "trained")]
     if done:
         make_report([r.run_dir for r in done], results, labels={r.name: r.spec.name for r in done})
@@ -518,14 +506,14 @@ def prepare_shapes(shapes_dir: Path, progress: bool) -> tuple[DemoPaths, Path]:
     clip = paths.out / "cache_clip_only"
     stamp = paths.out / "cache_clip_only.stamp.json"
     want = {"source": inputs.fingerprint["cache"], "judge": inputs.fingerprint["judge"]}
-    if clip.exists() and _read(stamp) != want:
+    if clip.exists() and read_json(stamp) != want:
         shutil.rmtree(clip)
     if not clip.exists():
         tmp = paths.out / ".cache_clip_only.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(paths.cache, tmp)
         os.rename(tmp, clip)
-        write_json_atomic(stamp, want)
+        atomic_write_json(stamp, want, default=str)
     args = [str(clip), "--scorer", "clip", "--set", f"model={inputs.judge_spec}", "--set", "global_weight=1",
             "--set", "instance_weight=0", "--min-clis-i", "0", "--min-clis-l", "0"]
     if not progress:
@@ -533,13 +521,6 @@ def prepare_shapes(shapes_dir: Path, progress: bool) -> tuple[DemoPaths, Path]:
     if rescore_main(args) != 0:  # resumable: shards already rescored with these settings are skipped
         raise AblationError(f"rescoring the CLIP-only copy {clip} failed (see above)")
     return paths, clip
-
-
-def _read(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 # ----- main -------------------------------------------------------------------------------------------------------------
@@ -628,7 +609,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.dry_run:
             return 0
         threads = args.threads if args.threads is not None else max(1, (os.cpu_count() or 1) // max(1, args.jobs))
-        env = child_env(DemoPaths(Path(args.shapes_dir).absolute()), threads or None)
+        env = child_env(DemoPaths(Path(args.shapes_dir).absolute()).datasets, threads or None)
         if datasets:
             env["DETECTRON2_DATASETS"] = str(Path(datasets).absolute())
         elif env_root is None:

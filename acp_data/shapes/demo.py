@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -37,14 +36,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..fsio import atomic_write_json
+from ..stages import stable_hash
+from .jobs import JobError, TrainJob, child_env, read_json, seconds_per_iter, wait_for
+
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "configs" / "shapes"
-TRAIN_NET = REPO_ROOT / "tools" / "train_net.py"
 DEFAULT_OUT = "output/demo"
 RUN_CONFIGS: dict[str, str] = {"baseline": "baseline.yaml", "acp": "acp.yaml"}
-RUN_STATE = "demo_run.json"
 PRIORS_SETTINGS: dict[str, Any] = {"seed": 0}
 TASKS = (("segm", "mask"), ("bbox", "box"))
 METRICS = ("AP", "APr", "APc", "APf")
@@ -95,33 +96,12 @@ class DemoPaths:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes (the demo's stamps name the world, priors and judge they were made from)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _fingerprint(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write ``obj`` as JSON under a temporary name, fsync, rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ----- the inputs: world, priors, judge, cache ------------------------------------------------------------------------
@@ -133,11 +113,11 @@ def build_priors(train_json: Path, out: Path) -> bool:
     stamp = out.with_name(out.name + ".stamp.json")
     want = {"format": "acp-data demo priors", "ann": str(train_json), "ann_sha256": file_sha256(train_json),
             "settings": PRIORS_SETTINGS}
-    if out.is_file() and _read_json(stamp) == want:
+    if out.is_file() and read_json(stamp) == want:
         logger.info("priors %s are up to date", out)
         return False
     Priors.build(train_json, **PRIORS_SETTINGS).save(out)
-    write_json_atomic(stamp, want)
+    atomic_write_json(stamp, want, default=str)
     return True
 
 
@@ -165,13 +145,13 @@ def build_cache(paths: DemoPaths, config: dict[str, Any], inputs: dict[str, str]
 
     want = {"format": "acp-data demo cache", "config": config, "inputs": inputs, "max_units": max_units}
     want = json.loads(json.dumps(want, default=str))
-    if paths.cache.exists() and _read_json(paths.cache_stamp) != want:
+    if paths.cache.exists() and read_json(paths.cache_stamp) != want:
         if paths.cache.is_dir() and (not any(paths.cache.iterdir()) or (paths.cache / "manifest.json").is_file()):
             logger.info("the cache %s was built from other inputs; rebuilding it", paths.cache)
             shutil.rmtree(paths.cache)
         else:
             raise DemoError(f"{paths.cache} exists and is not an acp-data cache; move it away or choose another --out")
-    write_json_atomic(paths.cache_stamp, want)
+    atomic_write_json(paths.cache_stamp, want, default=str)
     return run_prebuild(config, paths.cache, max_units=max_units, threads=threads, progress=progress)
 
 
@@ -198,160 +178,6 @@ def train_args(run: str, paths: DemoPaths, iters: int | None, seed: int, workers
     if run != "baseline":
         args += ["ACP.CACHE_DIRS", json.dumps([str(paths.cache)])]
     return args + list(opts)
-
-
-def child_env(paths: DemoPaths, threads: int | None) -> dict[str, str]:
-    """Environment of a training process: the demo's datasets root, ``threads`` intra-op threads (None: torch's)."""
-    env = dict(os.environ)
-    env["DETECTRON2_DATASETS"] = str(paths.datasets)
-    env.setdefault("PYTHONWARNINGS", "ignore")
-    if threads:
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    return env
-
-
-class TrainJob:
-    """One ``tools/train_net.py`` child process: started, watched (iteration from ``train_metrics.json``, phase from
-    its log) and checked."""
-
-    def __init__(self, name: str, args: list[str], run_dir: Path, inputs: dict[str, Any], iters: int):
-        self.name, self.args, self.run_dir, self.iters = name, args, run_dir, iters
-        self.state = {"args": args, "inputs": inputs}
-        self.proc: subprocess.Popen | None = None
-        self.log_path = run_dir / "stdout.log"
-        self.t0 = self.t1 = 0.0
-        self.cpu_s: float | None = None  # CPU seconds of the child (and its workers), sampled while it runs
-        self.reused = False
-        self._log_offset = 0
-        self.phase = "waiting"
-
-    def done_before(self) -> bool:
-        """``metrics.json`` exists and was made by this very command from these inputs."""
-        return (self.run_dir / "metrics.json").is_file() and _read_json(self.run_dir / RUN_STATE) == \
-            json.loads(json.dumps(self.state))
-
-    def start(self, env: dict[str, str]) -> None:
-        if not TRAIN_NET.is_file():
-            raise DemoError(f"{TRAIN_NET} is missing: the demo runs from an acp-data checkout")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in (RUN_STATE, "metrics.json", "train_metrics.json", "last_checkpoint"):
-            (self.run_dir / stale).unlink(missing_ok=True)
-        log = open(self.log_path, "w")
-        self.t0 = time.time()
-        self.proc = subprocess.Popen([sys.executable, str(TRAIN_NET), *self.args], stdout=log,
-                                     stderr=subprocess.STDOUT, cwd=str(REPO_ROOT), env=env)
-        log.close()
-        self.phase = "training"
-
-    def iteration(self) -> int:
-        """Iterations finished, from the last line of ``train_metrics.json`` (written every 20 iterations)."""
-        p = self.run_dir / "train_metrics.json"
-        try:
-            with open(p, "rb") as f:
-                f.seek(max(0, os.path.getsize(p) - 4096))
-                lines = f.read().decode(errors="replace").strip().splitlines()
-        except OSError:
-            return 0
-        for line in reversed(lines):
-            try:
-                return int(json.loads(line)["iteration"]) + 1
-            except (ValueError, KeyError, TypeError):
-                continue
-        return 0
-
-    def poll(self) -> int | None:
-        """Return code once finished; updates the phase from the log."""
-        assert self.proc is not None
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(self._log_offset)
-                chunk = f.read()
-            self._log_offset += len(chunk)
-            if b"Start inference on" in chunk:
-                self.phase = "evaluating"
-        except OSError:
-            pass
-        self._sample_cpu()
-        rc = self.proc.poll()
-        if rc is not None and not self.t1:
-            self.t1 = time.time()
-            self.phase = "done" if rc == 0 else "failed"
-            if rc == 0:
-                write_json_atomic(self.run_dir / RUN_STATE, self.state)
-        return rc
-
-    def _sample_cpu(self) -> None:
-        import psutil
-
-        try:
-            p = psutil.Process(self.proc.pid)
-            procs = [p, *p.children(recursive=True)]
-            self.cpu_s = sum(sum(q.cpu_times()[:2]) for q in procs)
-        except (psutil.Error, OSError):  # exited between two samples: keep the last value
-            pass
-
-    def log_tail(self, n: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return "(no log)"
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-
-
-def wait_for(jobs: Sequence[TrainJob], progress: bool = True, poll_s: float = 2.0) -> None:
-    """Show one progress bar per running job until all have finished; a failure stops the others and raises."""
-    from tqdm import tqdm
-
-    live = [j for j in jobs if j.proc is not None]
-    bars = {j.name: tqdm(total=j.iters, desc=f"{j.name:>8}", unit="it", position=i, disable=not progress,
-                         dynamic_ncols=True, leave=True) for i, j in enumerate(live)}
-    try:
-        while True:
-            running = False
-            for j in live:
-                rc = j.poll()
-                bar = bars[j.name]
-                it = j.iters if j.phase in ("evaluating", "done") else min(j.iteration(), j.iters)
-                if it > bar.n or getattr(bar, "postfix", None) != j.phase:  # redraw on change only (logs stay short)
-                    bar.set_postfix_str(j.phase, refresh=False)
-                    bar.update(it - bar.n)
-                    bar.refresh()
-                if rc is None:
-                    running = True
-                elif rc != 0:
-                    for other in live:
-                        other.kill()
-                    raise DemoError(f"training run {j.name!r} failed (exit status {rc}); last lines of "
-                                    f"{j.log_path}:\n{j.log_tail()}")
-            if not running:
-                return
-            time.sleep(poll_s)
-    finally:
-        for b in bars.values():
-            b.close()
-
-
-def seconds_per_iter(run_dir: Path) -> float | None:
-    """Mean of detectron2's per-iteration ``time`` (20-iteration medians) over ``train_metrics.json``."""
-    vals = []
-    try:
-        for line in (run_dir / "train_metrics.json").read_text().splitlines():
-            try:
-                t = json.loads(line).get("time")
-            except ValueError:
-                continue
-            if isinstance(t, (int, float)):
-                vals.append(float(t))
-    except OSError:
-        return None
-    return sum(vals) / len(vals) if vals else None
 
 
 # ----- the table --------------------------------------------------------------------------------------------------------
@@ -430,7 +256,7 @@ def prepare_inputs(paths: DemoPaths, size: str = "demo", world_seed: int = 0, ju
     config = prebuild_config(paths, world.train_json, judge_spec, prebuild_overrides)
     with clock("cache"):
         summary = build_cache(paths, config, fingerprint, max_units=max_units, threads=threads, progress=progress)
-    fingerprint["cache"] = _fingerprint(_read_json(paths.cache_stamp))
+    fingerprint["cache"] = stable_hash(read_json(paths.cache_stamp))
     return Inputs(world.train_json, judge_spec, summary, fingerprint, timings)
 
 
@@ -440,7 +266,7 @@ def _parser() -> argparse.ArgumentParser:
                                 epilog="Trailing KEY VALUE pairs are detectron2 config overrides for both runs.")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
     p.add_argument("--iters", type=int, default=None,
-                   help="training iterations of each run (default: SOLVER.MAX_ITER of configs/shapes/Base-Shapes.yaml)")
+                   help="training iterations of each run (default: the configs' SOLVER.MAX_ITER, configs/shapes/Base-Shapes.yaml)")
     p.add_argument("--seed", type=int, default=42, help="training seed (SEED) of both runs")
     p.add_argument("--world-seed", type=int, default=0, help="seed of the world's images")
     p.add_argument("--size", default="demo", choices=("demo", "small"), help="world size (small: for tests)")
@@ -464,8 +290,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     paths.out.mkdir(parents=True, exist_ok=True)
     progress = not args.no_progress
     threads = 1 if args.jobs == 2 else None
-    env = child_env(paths, threads)
-    iters = args.iters or _base_max_iter()
+    env = child_env(paths.datasets, threads)
+    iters = args.iters or _max_iter(args.opts)
     jobs: dict[str, TrainJob] = {}
 
     def make_job(run: str, inputs: dict[str, Any]) -> TrainJob:
@@ -513,12 +339,12 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
 
     metrics = {}
     for name, job in jobs.items():
-        m = _read_json(job.run_dir / "metrics.json")
+        m = read_json(job.run_dir / "metrics.json")
         if not isinstance(m, dict):
             raise DemoError(f"run {name!r} finished without a readable {job.run_dir / 'metrics.json'}; see "
                             f"{job.log_path}")
         metrics[name] = m
-    acp_run = _read_json(jobs["acp"].run_dir / "acp_run.json") or {}
+    acp_run = read_json(jobs["acp"].run_dir / "acp_run.json") or {}
     summary = {
         "metrics": metrics, "iters": iters, "seed": args.seed, "world_size": args.size,
         "real_images": acp_run.get("real_images"), "synthetic_images": acp_run.get("synthetic_images"),
@@ -531,7 +357,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
                      "s_per_iter": seconds_per_iter(j.run_dir), "dir": str(j.run_dir)} for n, j in jobs.items()},
     }
     summary["idle_estimate_s"] = idle_estimate(summary["timings_s"], summary["runs"], args.jobs)
-    write_json_atomic(paths.out / "summary.json", summary)
+    atomic_write_json(paths.out / "summary.json", summary, default=str)
     try:
         from ..report import make_report
 
@@ -593,11 +419,12 @@ def _run_config(run_dir: Path) -> dict[str, Any]:
         return {}
 
 
-def _base_max_iter() -> int:
-    import yaml
+def _max_iter(opts: Sequence[str]) -> int:
+    """SOLVER.MAX_ITER the runs train with: the baseline run's config plus the trailing overrides, read by
+    ``tools/train_net.py``'s own loader."""
+    from ..d2.config import load_cfg
 
-    base = yaml.safe_load((CONFIG_DIR / "Base-Shapes.yaml").read_text())
-    return int(base["SOLVER"]["MAX_ITER"])
+    return int(load_cfg(str(CONFIG_DIR / RUN_CONFIGS["baseline"]), opts).SOLVER.MAX_ITER)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -611,7 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("acp_data").setLevel(logging.INFO)
     try:
         run_demo(args)
-    except DemoError as e:
+    except (DemoError, JobError) as e:
         print(f"demo: error: {e}", file=sys.stderr)
         return 1
     except (FileExistsError, FileNotFoundError, ValueError) as e:  # PrebuildError, world/judge input errors
