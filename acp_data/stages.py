@@ -54,8 +54,8 @@ def stable_hash(obj: Any, n: int = 16) -> str:
 
 
 def generation_key(unit: WorkUnit, planner_settings: dict[str, Any], generator_settings: dict[str, Any]) -> str:
-    """The generation key (docs/design.md "Work units, keys and determinism"): combination, seed, planner and
-    generator settings; nothing about scoring."""
+    """The generation key: combination, seed, planner and generator settings; nothing about scoring
+    (docs/design.md "Work units, keys and determinism (contract)")."""
     return stable_hash({"combo": list(unit.combo), "seed": unit.seed, "planner": planner_settings,
                         "generator": generator_settings}, n=32)
 
@@ -77,6 +77,7 @@ class Stage:
     options itself; prebuild refuses unknown scorer options from it before building the scorer). ``load()`` loads
     the model once; prebuild calls it for every stage before the first unit (timed as ``load``), so building a stage
     only checks its options and paths and a bad config fails before any weights are read.
+    See docs/design.md "Stage contract" and docs/plugins.md.
     """
 
     DEFAULTS: dict[str, Any] = {}

@@ -120,8 +120,8 @@ class Prepared:
         return int(self.config["candidates"])
 
     def key(self, unit: WorkUnit) -> str:
-        """The unit's generation key (docs/design.md "Work units, keys and determinism"): combination, seed,
-        planner and generator settings (with N)."""
+        """The unit's generation key: combination, seed, planner and generator settings (with N)
+        (docs/design.md "Work units, keys and determinism (contract)")."""
         return generation_key(unit, self.planner_settings, self.generator_settings)
 
     def generation_settings(self) -> dict[str, Any]:

@@ -1,5 +1,5 @@
-"""Work units (docs/design.md "Work units, keys and determinism"): object combinations for each target concept,
-with companions drawn from the priors' co-occurrence counts, and their partition over ranks.
+"""Work units: object combinations for each target concept, with companions drawn from the priors' co-occurrence
+counts, and their partition over ranks (docs/design.md "Work units, keys and determinism (contract)").
 
 A unit depends only on ``(seed, target, k)``: asking for more images per category appends units and never changes
 the earlier ones, and any rank can rebuild the global list without talking to the others.

@@ -19,7 +19,8 @@ __all__ = ["cli_main"]
 
 
 def cli_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="acp-data priors", description=sys.modules[__package__].__doc__.split("\n\n")[0],
+    description = sys.modules[__package__].__doc__.split("\n\n")[0]  # the package's first line
+    parser = argparse.ArgumentParser(prog="acp-data priors", description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="build a priors file from an LVIS/COCO-format json",
