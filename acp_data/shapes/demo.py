@@ -17,7 +17,8 @@ side-by-side table of AP / APr / APc / APf (mask and box) with the difference. E
 The baseline trains in a child process while the main process builds the priors, judge and cache, then the ACP run
 trains beside it: two processes with one intra-op thread each use two cores fully (``--jobs 1`` trains one run at a
 time with all threads instead). A run is reused when its ``metrics.json`` exists and was made from the same command
-and inputs (``--retrain`` forces training).
+and inputs (``--retrain`` forces training). The child processes are started and watched by ``acp_data.shapes.jobs``
+(shared with ``benchmarks/longtail_ablation.py``).
 """
 
 from __future__ import annotations
