@@ -8,6 +8,7 @@ import logging
 import re
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -275,6 +276,74 @@ def test_openai_bad_key_raises(priors: Priors, key_env) -> None:
         with pytest.raises(ChatError) as e:
             planner.plan(WorkUnit(0, (2,), 1, 2))
         assert e.value.status == 401 and KEY not in str(e.value)
+
+
+def test_openai_bad_request_ends_only_that_unit(priors: Priors, key_env) -> None:
+    """HTTP 400 (e.g. the context is too long) is that unit's failure, counted as ``bad_request``, not retried; the
+    next unit is planned as usual. 401/403/404 still raise (no request can get past them)."""
+    unit = WorkUnit(0, (2, 3), 11, 2)
+    with OpenAIStub(lambda req, n: _good_answer(req)) as stub:
+        planner = _planner(stub, priors)
+        stub.script(Reply(status=400, body='{"error": "maximum context length is 4096 tokens"}'))
+        t0 = time.monotonic()
+        res = planner.plan(unit)
+        assert res.scene is None and dict(res.rejections) == {"bad_request": 1} and len(stub.requests) == 1
+        assert planner.plan(unit).scene is not None
+        for status in (401, 403, 404):
+            stub.script(Reply(status=status, body='{"error": "no"}'))
+            with pytest.raises(ChatError) as e:
+                planner.plan(unit)
+            assert e.value.status == status and e.value.fatal
+        # an answer over the client's size cap is that unit's too_long
+        planner.client.max_response_bytes = 50_000
+        stub.script(Reply(content="x" * 100_000))
+        assert dict(planner.plan(unit).rejections) == {"too_long": 1}
+    assert time.monotonic() - t0 < 5.0
+
+
+def test_openai_startup_check(priors: Priors, key_env) -> None:
+    with OpenAIStub(lambda req, n: _good_answer(req) if "Objects:" in OpenAIStub.text_of(req) else '{"ok": true}',
+                    require_key=KEY) as stub:
+        planner = _planner(stub, priors)
+        planner.load()
+        planner.load()  # once
+        assert len(stub.requests) == 1
+        req = stub.requests[0][2]
+        assert req["max_tokens"] == 8 and req["model"] == "qwen-test" and "connection check" in OpenAIStub.text_of(req)
+        assert planner.plan(WorkUnit(0, (2, 3), 11, 2)).scene is not None
+        cases = [(401, "ACP_TEST_KEY"), (403, "ACP_TEST_KEY"), (404, "model 'qwen-test'"), (400, "extra_params")]
+        for status, hint in cases:
+            stub.requests.clear()
+            stub.script(Reply(status=status, body='{"error": "refused"}'))
+            with pytest.raises(ChatError, match="start-up check") as e:
+                _planner(stub, priors).load()
+            assert e.value.status == status and hint in str(e.value) and KEY not in str(e.value)
+            assert len(stub.requests) == 1  # not retried
+        assert not _planner(stub, priors, startup_check=False).load()  # off: no request
+        assert "startup_check" not in planner.settings() and "call_timeout" not in planner.settings()
+    with OpenAIStub() as stub:
+        url = stub.url
+    dead = _planner(SimpleNamespace(url=url), priors, max_retries=1)
+    with pytest.raises(ChatError, match="start-up check.*server up"):
+        dead.load()
+
+
+def test_openai_dead_endpoint_costs_a_unit_a_bounded_time(priors: Priors, key_env) -> None:
+    """Refused connections cost the backoff waits; a server that accepts and never answers costs at most
+    ``call_timeout``, however many retries ``max_retries`` allows."""
+    unit = WorkUnit(0, (2, 3), 11, 2)
+    with OpenAIStub() as stub:
+        url = stub.url
+    t0 = time.monotonic()
+    res = _planner(SimpleNamespace(url=url), priors, max_retries=3, backoff=0.05).plan(unit)
+    assert dict(res.rejections) == {"request_failed": 1} and time.monotonic() - t0 < 2.0
+    with OpenAIStub(lambda req, n: Reply(content="never", delay=30.0)) as stub:
+        planner = _planner(stub, priors, timeout=0.5, max_retries=10, backoff=0.0, call_timeout=1.2)
+        t0 = time.monotonic()
+        res = planner.plan(unit)
+        elapsed = time.monotonic() - t0
+        assert dict(res.rejections) == {"request_failed": 1} and 1.1 < elapsed < 2.5, elapsed
+        assert len(stub.requests) == 3  # 0.5 + 0.5 + the 0.2 left
 
 
 def test_openai_plan_many_bounded_concurrency(priors: Priors, key_env) -> None:
