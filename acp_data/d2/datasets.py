@@ -6,8 +6,9 @@ instance) and the readers (paths; memory maps opened lazily per process), so dat
 through the page cache instead of copying every record.
 
 Broken samples: ``dataset[i]`` returns ``None`` when a sample fails its checksum or cannot be read or parsed (one
-warning, then a count). The caller replaces it: the ACP mapper must return ``None`` for a ``None`` input, and
-detectron2's ``MapDataset`` then retries another index; training never crashes on a damaged shard.
+warning, then a count). The caller replaces it: the ACP mapper returns ``None`` for a ``None`` input, and the
+loader's ``MixedDataset`` draws a replacement from the same source (docs/design.md "The stream contract"); training
+never crashes on a damaged shard.
 """
 
 from __future__ import annotations
