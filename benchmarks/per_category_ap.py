@@ -4,8 +4,9 @@
     .venv/bin/python benchmarks/per_category_ap.py --gt output/demo/datasets/shapes/val.json \\
         output/ablation/runs/baseline_seed1 output/ablation/runs/filtered_seed1 ... > per_category.md
 
-Each run's ``inference/<dataset>/lvis_instances_results.json`` is evaluated again with lvis-api (as the training
-evaluation does) and the AP of every category of the group is read from the precision array, so a change in APr
+Each run's ``inference/<dataset>/lvis_instances_results.json`` is evaluated again through the same backend as the
+training evaluation (``--backend``; default: the one recorded in the run's ``metrics.json``, else hotcoco; both give
+lvis-api's numbers) and the AP of every category of the group is read from the precision array, so a change in APr
 can be traced to the categories that moved. Prints a markdown table by run and one by group (runs named
 ``NAME_seedS`` are averaged over seeds); the last line is one JSON object.
 """
@@ -23,20 +24,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def category_ap(lvis_gt: object, detections: Path, iou_type: str, cat_ids: list[int]) -> dict[int, float | None]:
-    """AP (percent) of each of ``cat_ids``, from the same lvis-api evaluation ``metrics.json`` comes from."""
-    from acp_data.d2.evaluation import load_checked, run_lvis_eval
+def category_ap(gt: object, detections: Path, iou_type: str, cat_ids: list[int],
+                backend: str | None = None) -> dict[int, float | None]:
+    """AP (percent) of each of ``cat_ids``, from the same evaluation ``metrics.json`` comes from."""
+    from acp_data.d2.evaluation import evaluate_lvis, per_category_ap
 
-    _, dets = load_checked(lvis_gt, detections)
-    ev = run_lvis_eval(lvis_gt, dets, iou_type)
-    prec = ev.eval["precision"]  # (IoU thresholds, recall points, categories, area ranges)
-    out: dict[int, float | None] = {}
-    for k, cid in enumerate(ev.params.cat_ids):
-        if cid in cat_ids:
-            p = prec[:, :, k, 0]
-            p = p[p > -1]
-            out[cid] = round(100.0 * float(p.mean()), 1) if p.size else None
-    return out
+    ev = evaluate_lvis(gt, detections, tasks=(iou_type,), backend=backend)
+    return {cid: None if v is None else round(v, 1)
+            for cid, v in per_category_ap(ev.tasks[iou_type]).items() if cid in cat_ids}
+
+
+def run_backend(run: Path) -> str | None:
+    """The backend recorded in the run's ``metrics.json`` (``None`` when it records none)."""
+    try:
+        return json.loads((run / "metrics.json").read_text()).get("eval_backend")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,12 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gt", required=True, help="the LVIS-format json the runs were evaluated on")
     p.add_argument("--group", default="r", choices=("r", "c", "f"), help="frequency group (default: rare)")
     p.add_argument("--iou-type", default="segm", choices=("segm", "bbox"))
+    p.add_argument("--backend", choices=("hotcoco", "lvis"),
+                   help="evaluation backend (default: the run's metrics.json eval_backend, else hotcoco)")
     args = p.parse_args(argv)
 
-    from acp_data.d2.evaluation import _numpy_float_shim, load_lvis_gt
+    from acp_data.d2.evaluation import GroundTruth
 
-    _numpy_float_shim()
-    gt = load_lvis_gt(args.gt)
+    gt = GroundTruth.load(args.gt)
     cats = {c["id"]: c["name"] for c in gt.dataset["categories"] if c.get("frequency") == args.group}
     if not cats:
         raise SystemExit(f"per_category_ap: {args.gt} has no categories of frequency {args.group!r}")
@@ -60,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         found = sorted(Path(run).glob("inference/*/lvis_instances_results.json"))
         if not found:
             raise SystemExit(f"per_category_ap: no inference/*/lvis_instances_results.json under {run}")
-        by_run[Path(run).name] = category_ap(gt, found[0], args.iou_type, ids)
+        backend = args.backend or run_backend(Path(run))
+        by_run[Path(run).name] = category_ap(gt, found[0], args.iou_type, ids, backend)
 
     def table(rows: dict[str, list[float | None]], first: str) -> None:
         print(f"| {first} | " + " | ".join(cats[i] for i in ids) + f" | AP{args.group} |")

@@ -1,15 +1,16 @@
-"""LVIS evaluation (lvis-api, as detectron2 runs it) on any dataset with a ``json_file``, and ``metrics.json``.
+"""LVIS evaluation on any dataset with a ``json_file``, through either backend, and ``metrics.json``.
 
 AP, AP50, AP75, APs, APm, APl and APr/APc/APf use the ``frequency`` of the ground-truth json's own categories (taken
-from its train image counts when the json has none). Values are in percent; a metric lvis-api cannot compute (-1,
-e.g. an empty frequency group) is ``null`` in ``metrics.json`` and NaN in what an evaluator returns to detectron2
-(whose hooks need floats). No pickle is written: detections go to ``lvis_instances_results.json``.
+from its train image counts when the json has none). ``ACP.EVAL_BACKEND`` / ``--backend`` picks ``hotcoco`` (the
+default, fast) or ``lvis`` (lvis-api, the reference); both give the same numbers (``eval_backends``). Values are in
+percent; a metric lvis-api cannot compute (-1, e.g. an empty frequency group) is ``null`` in ``metrics.json`` and NaN
+in what an evaluator returns to detectron2 (whose hooks need floats). No pickle is written: detections go to
+``lvis_instances_results.json``.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import itertools
 import json
@@ -18,135 +19,38 @@ import math
 import os
 import sys
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-from ..categories import CategoryError, CategoryTable
 from ..fsio import atomic_write_text
+from .eval_backends import (
+    BACKENDS,
+    DEFAULT_BACKEND,
+    LVIS_MAX_DETS,
+    METRICS,
+    TASKS,
+    EvaluationError,
+    GroundTruth,
+    TaskResult,
+    evaluate_tasks,
+    resolve_backend,
+)
+
+__all__ = ["BACKENDS", "DEFAULT_BACKEND", "LVIS_MAX_DETS", "METRICS", "TASKS", "EvaluationError", "GroundTruth",
+           "Evaluation", "evaluate_lvis", "evaluate_lvis_results", "per_category_ap", "load_lvis_gt",
+           "format_metrics_table", "config_sha", "write_metrics", "LVISMetricsEvaluator", "build_lvis_evaluator",
+           "cli_main"]
 
 logger = logging.getLogger(__name__)
 
-METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
-TASKS = ("bbox", "segm")
-LVIS_MAX_DETS = 300
 METRICS_FILE = "metrics.json"
 RESULTS_FILE = "lvis_instances_results.json"
 
 
-class EvaluationError(ValueError):
-    """Ground truth or detections that cannot be evaluated; the message names the file or entry at fault."""
-
-
-def _numpy_float_shim() -> None:
-    """lvis 0.5.3 calls ``np.float``, removed in numpy 2."""
-    import numpy as np
-
-    if "float" not in np.__dict__:
-        np.float = float  # type: ignore[attr-defined]
-
-
-# ----- ground truth and detections ---------------------------------------------------------------------------------
 def load_lvis_gt(gt: str | os.PathLike | dict[str, Any] | Any):
-    """An ``lvis.LVIS`` for a json path or a loaded dict (an existing ``LVIS`` object is used as it is).
-
-    Categories without ``frequency`` get it from their train image counts (CategoryTable's rule); images without
-    ``neg_category_ids`` / ``not_exhaustive_category_ids`` get empty lists (then false positives on categories absent
-    from an image are never counted: a validation set should list its verified negatives).
-    """
-    from lvis import LVIS
-
-    if isinstance(gt, LVIS):
-        return gt
-    source = "ground truth"
-    if not isinstance(gt, dict):
-        source = os.fspath(gt)
-        try:
-            with open(source) as f:
-                gt = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise EvaluationError(f"cannot read ground truth {source!r}: {e}") from e
-    else:
-        gt = copy.deepcopy(gt)
-    for key in ("images", "annotations", "categories"):
-        if key not in gt:
-            raise EvaluationError(f"{source} has no {key!r}; is it an LVIS-format json?")
-    if any("frequency" not in c for c in gt["categories"]):
-        try:
-            table = CategoryTable.from_lvis_json(gt)
-        except CategoryError as e:
-            raise EvaluationError(f"{source}: {e}") from e
-        freq = {c.id: c.frequency for c in table}
-        for c in gt["categories"]:
-            c.setdefault("frequency", freq[int(c["id"])])
-    missing_neg = 0
-    for img in gt["images"]:
-        if "neg_category_ids" not in img:
-            missing_neg += 1
-        img.setdefault("neg_category_ids", [])
-        img.setdefault("not_exhaustive_category_ids", [])
-    if missing_neg:
-        logger.warning("%s: %d of %d images list no neg_category_ids; false positives on categories absent from "
-                       "those images are not counted", source, missing_neg, len(gt["images"]))
-    api = LVIS.__new__(LVIS)
-    api.logger = logging.getLogger("lvis.lvis")
-    api.dataset = gt
-    api._create_index()
-    return api
-
-
-def _load_results(results: str | os.PathLike | Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    if isinstance(results, (str, os.PathLike)):
-        try:
-            with open(results) as f:
-                results = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise EvaluationError(f"cannot read detections {os.fspath(results)!r}: {e}") from e
-        if not isinstance(results, list):
-            raise EvaluationError("detections file must hold a json list of LVIS results")
-    if not all(isinstance(r, dict) for r in results):
-        raise EvaluationError("detections must be a list of dicts (LVIS results format)")
-    return [dict(r) for r in results]
-
-
-def _check_results(lvis_gt, results: list[dict[str, Any]]) -> None:
-    for i, r in enumerate(results):
-        missing = [k for k in ("image_id", "category_id", "score") if k not in r]
-        if missing:
-            raise EvaluationError(f"detection #{i} has no {', '.join(missing)} (keys: {sorted(r)})")
-    img_ids, cat_ids = set(lvis_gt.get_img_ids()), set(lvis_gt.get_cat_ids())
-    bad_img = sorted({r["image_id"] for r in results} - img_ids)
-    if bad_img:
-        raise EvaluationError(f"detections refer to {len(bad_img)} image ids not in the ground truth, e.g. "
-                              f"{bad_img[:5]}")
-    bad_cat = sorted({r["category_id"] for r in results} - cat_ids)
-    if bad_cat:
-        raise EvaluationError(f"detections use category ids not in the ground truth: {bad_cat[:10]} (ground truth "
-                              f"has {min(cat_ids)}..{max(cat_ids)}; are contiguous ids off by one?)")
-
-
-def _empty_results(lvis_gt):
-    """An ``LVISResults`` holding no detection (lvis-api's constructor indexes the first result)."""
-    from lvis import LVISResults
-
-    dt = LVISResults.__new__(LVISResults)
-    dt.logger = logging.getLogger("lvis.results")
-    dt.dataset = copy.deepcopy(lvis_gt.dataset)
-    dt.dataset["annotations"] = []
-    dt._create_index()
-    return dt
-
-
-@contextmanager
-def _quiet_lvis() -> Iterator[None]:
-    """lvis-api warns "Assuming user provided the results in correct format" on every in-memory result list."""
-    lg = logging.getLogger("lvis.results")
-    old = lg.level
-    lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        lg.setLevel(old)
+    """An ``lvis.LVIS`` for a json path or a loaded dict, normalized as ``GroundTruth.load`` does."""
+    return GroundTruth.load(gt).lvis()
 
 
 def _to_percent(v: float) -> float | None:
@@ -154,38 +58,41 @@ def _to_percent(v: float) -> float | None:
     return None if v < 0 or math.isnan(v) else v * 100.0
 
 
-def run_lvis_eval(lvis_gt: Any, dets: list[dict[str, Any]], task: str, max_dets: int = LVIS_MAX_DETS):
-    """One lvis-api evaluation of checked detections (``_check_results``) on an ``LVIS`` ground truth; returns the
-    ``LVISEval`` after ``run()`` (its ``eval["precision"]`` holds per-category curves). As in detectron2, segm drops
-    the boxes so APs/APm/APl use mask areas, and at most ``max_dets`` per image are kept."""
-    from lvis import LVISEval, LVISResults
+@dataclass
+class Evaluation:
+    """What one evaluation gives: ``results`` ``{task: {metric: percent or None}}``, the backend that ran, the
+    number of detections and each task's ``TaskResult`` (precision arrays for per-category numbers)."""
 
-    if task not in TASKS:
-        raise EvaluationError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-    task_dets = copy.deepcopy(dets)
-    if task == "segm":
-        if any("segmentation" not in d for d in task_dets):
-            raise EvaluationError("segm evaluation needs a 'segmentation' (RLE) in every detection")
-        for d in task_dets:
-            d.pop("bbox", None)
-    elif any("bbox" not in d for d in task_dets):
-        raise EvaluationError("bbox evaluation needs a 'bbox' in every detection")
-    with _quiet_lvis():
-        dt = LVISResults(lvis_gt, task_dets, max_dets=max_dets) if task_dets else _empty_results(lvis_gt)
-    ev = LVISEval(lvis_gt, dt, task)
-    ev.params.max_dets = max_dets
-    ev.run()
-    return ev
+    results: dict[str, dict[str, float | None]]
+    backend: str
+    num_dets: int
+    tasks: dict[str, TaskResult] = field(default_factory=dict)
 
 
-def load_checked(gt_json: str | os.PathLike | dict[str, Any] | Any,
-                 results: str | os.PathLike | Sequence[dict[str, Any]]) -> tuple[Any, list[dict[str, Any]]]:
-    """The ground truth as an ``LVIS`` and the detections, checked against it (ids, required keys)."""
-    _numpy_float_shim()
-    lvis_gt = load_lvis_gt(gt_json)
-    dets = _load_results(results)
-    _check_results(lvis_gt, dets)
-    return lvis_gt, dets
+def evaluate_lvis(
+    gt_json: str | os.PathLike | dict[str, Any] | GroundTruth | Any,
+    results: str | os.PathLike | Sequence[dict[str, Any]],
+    tasks: Sequence[str] | None = None,
+    max_dets: int = LVIS_MAX_DETS,
+    backend: str | None = None,
+    allow_empty: bool = True,
+) -> Evaluation:
+    """Evaluate LVIS-format detections on ``gt_json`` through ``backend`` (default: hotcoco).
+
+    ``results`` is a list of ``{"image_id", "category_id" (json id), "score", "bbox" (XYWH), "segmentation" (RLE)}``
+    or a path to such a json. ``tasks`` defaults to bbox, plus segm when any result has a segmentation. As in
+    detectron2, at most ``max_dets`` detections per image are kept and segm is evaluated without the boxes. No
+    detections at all: every AP is 0 with a warning, or an ``EvaluationError`` when ``allow_empty`` is off.
+    """
+    gt = GroundTruth.load(gt_json)
+    backend = resolve_backend(backend)
+    runs, n = evaluate_tasks(gt, results, tasks, max_dets, backend, allow_empty=allow_empty)
+    if n == 0:
+        logger.warning("no detections to evaluate on %s: every AP is 0", gt.source)
+    out: dict[str, dict[str, float | None]] = OrderedDict()
+    for r in runs:
+        out[r.task] = OrderedDict((m, _to_percent(r.stats[m])) for m in METRICS)
+    return Evaluation(out, backend, n, {r.task: r for r in runs})
 
 
 def evaluate_lvis_results(
@@ -193,20 +100,20 @@ def evaluate_lvis_results(
     results: str | os.PathLike | Sequence[dict[str, Any]],
     tasks: Sequence[str] | None = None,
     max_dets: int = LVIS_MAX_DETS,
+    backend: str | None = None,
 ) -> dict[str, dict[str, float | None]]:
-    """lvis-api's numbers for LVIS-format detections: ``{task: {metric: percent or None}}``.
+    """The numbers of ``evaluate_lvis``: ``{task: {metric: percent or None}}``."""
+    return evaluate_lvis(gt_json, results, tasks, max_dets, backend).results
 
-    ``results`` is a list of ``{"image_id", "category_id" (json id), "score", "bbox" (XYWH), "segmentation" (RLE)}``
-    or a path to such a json. ``tasks`` defaults to bbox, plus segm when any result has a segmentation. Each task
-    runs through ``run_lvis_eval``.
-    """
-    lvis_gt, dets = load_checked(gt_json, results)
-    if tasks is None:
-        tasks = ("bbox", "segm") if any("segmentation" in d for d in dets) else ("bbox",)
-    out: dict[str, dict[str, float | None]] = OrderedDict()
-    for task in tasks:
-        res = run_lvis_eval(lvis_gt, dets, task, max_dets).get_results()
-        out[task] = OrderedDict((m, _to_percent(res[m])) for m in METRICS)
+
+def per_category_ap(task: TaskResult) -> dict[int, float | None]:
+    """AP (percent, all areas) of every category of one task, from its precision array; ``None`` where the
+    category has no ground truth."""
+    out: dict[int, float | None] = {}
+    for k, cid in enumerate(task.cat_ids):
+        p = task.precision[:, :, k, 0]
+        p = p[p > -1]
+        out[int(cid)] = 100.0 * float(p.mean()) if p.size else None
     return out
 
 
@@ -233,17 +140,21 @@ def write_metrics(
     dataset: str,
     iteration: int | None = None,
     config_sha: str | None = None,
+    eval_backend: str | None = None,
 ) -> str:
     """Write design.md's ``metrics.json`` into ``output_dir`` (atomically) and return its path.
 
     Keys ``bbox`` and ``segm`` (``null`` for a task not evaluated), ``dataset``, ``iter`` (training iterations done,
-    ``null`` if unknown), ``config_sha``; metric values in percent, ``null`` where lvis-api gives -1.
+    ``null`` if unknown), ``config_sha``, and ``eval_backend`` (the backend that computed the numbers) when given;
+    metric values in percent, ``null`` where lvis-api gives -1.
     """
     doc: dict[str, Any] = {}
     for task in TASKS:
         m = results.get(task)
         doc[task] = None if m is None else {k: _json_number(m.get(k)) for k in METRICS}
     doc.update({"dataset": dataset, "iter": None if iteration is None else int(iteration), "config_sha": config_sha})
+    if eval_backend is not None:
+        doc["eval_backend"] = eval_backend
     path = os.path.join(os.fspath(output_dir), METRICS_FILE)
     atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
     return path
@@ -259,11 +170,12 @@ def _json_number(v: Any) -> float | None:
 # ----- detectron2 evaluator ----------------------------------------------------------------------------------------
 class LVISMetricsEvaluator:
     """A detectron2 ``DatasetEvaluator`` (duck-typed: ``reset``/``process``/``evaluate``, so that this module and
-    ``acp-data eval`` import no torch) running lvis-api on a dataset with ``json_file`` metadata.
+    ``acp-data eval`` import no torch) running the LVIS evaluation on a dataset with ``json_file`` metadata.
 
     Works like detectron2's ``LVISEvaluator`` (gathers predictions from all ranks, maps contiguous ids back to json
-    ids, 300 detections per image) but writes detections as json instead of a pickled ``.pth``, uses the dataset's
-    own frequencies, and writes ``metrics.json`` into ``metrics_dir``.
+    ids, 300 detections per image, segm without boxes) but writes detections as json instead of a pickled ``.pth``,
+    uses the dataset's own frequencies, runs through ``backend`` (hotcoco or lvis-api, the same numbers), logs the
+    per-category AP table when ``per_category`` is on, and writes ``metrics.json`` into ``metrics_dir``.
     """
 
     def __init__(
@@ -276,6 +188,8 @@ class LVISMetricsEvaluator:
         config_sha: str | None = None,
         max_dets: int = LVIS_MAX_DETS,
         distributed: bool = True,
+        backend: str | None = None,
+        per_category: bool = False,
     ) -> None:
         from detectron2.data import MetadataCatalog
 
@@ -285,8 +199,9 @@ class LVISMetricsEvaluator:
         if not json_file:
             raise EvaluationError(f"dataset {dataset_name!r} has no json_file in its metadata; LVIS evaluation needs "
                                   "the ground-truth json (register it with ACP.REGISTER_LVIS)")
-        self._lvis_gt = load_lvis_gt(json_file)
-        self._do_evaluation = len(self._lvis_gt.get_ann_ids()) > 0
+        self._backend = resolve_backend(backend)
+        self._gt = GroundTruth.load(json_file)
+        self._do_evaluation = self._gt.has_annotations()
         mapping = meta.get("thing_dataset_id_to_contiguous_id")
         self._contiguous_to_json = ({v: k for k, v in mapping.items()} if mapping
                                     else {i: i + 1 for i in range(len(meta.get("thing_classes", [])))})
@@ -297,6 +212,7 @@ class LVISMetricsEvaluator:
         self._config_sha = config_sha
         self._max_dets = max_dets
         self._distributed = distributed
+        self._per_category = per_category
         self._predictions: list[dict[str, Any]] = []
 
     def reset(self) -> None:
@@ -333,51 +249,77 @@ class LVISMetricsEvaluator:
             return {}
         if not predictions:
             logger.warning("[LVISMetricsEvaluator] received no predictions for %s", self._dataset_name)
-        results = evaluate_lvis_results(self._lvis_gt, dets, tasks=self._tasks, max_dets=self._max_dets)
-        for task, m in results.items():
-            logger.info("LVIS evaluation of %s on %s (%d images, %d detections):\n%s", task, self._dataset_name,
-                        len(predictions), len(dets), format_metrics_table(task, m))
+        ev = evaluate_lvis(self._gt, dets, tasks=self._tasks, max_dets=self._max_dets, backend=self._backend)
+        for task, m in ev.results.items():
+            logger.info("LVIS evaluation (%s) of %s on %s (%d images, %d detections):\n%s", ev.backend, task,
+                        self._dataset_name, len(predictions), len(dets), format_metrics_table(task, m))
+            if self._per_category:
+                logger.info("Per-category %s AP on %s:\n%s", task, self._dataset_name,
+                            format_per_category_table(self._gt, per_category_ap(ev.tasks[task])))
         if self._metrics_dir:
-            path = write_metrics(self._metrics_dir, results, self._dataset_name, self._iteration, self._config_sha)
+            path = write_metrics(self._metrics_dir, ev.results, self._dataset_name, self._iteration,
+                                 self._config_sha, eval_backend=ev.backend)
             logger.info("Wrote %s", path)
         # detectron2's hooks need floats: None -> NaN.
-        return OrderedDict((t, {k: (math.nan if v is None else v) for k, v in m.items()}) for t, m in results.items())
+        return OrderedDict((t, {k: (math.nan if v is None else v) for k, v in m.items()})
+                           for t, m in ev.results.items())
+
+
+def format_per_category_table(gt: GroundTruth, ap: dict[int, float | None], columns: int = 3) -> str:
+    """detectron2's per-category AP table: (category, frequency, AP) in ``columns`` column groups."""
+    from tabulate import tabulate
+
+    cats = {int(c["id"]): c for c in gt.dataset["categories"]}
+    cells = [(cats[cid]["name"], cats[cid].get("frequency", ""), "-" if v is None else f"{v:.3f}")
+             for cid, v in sorted(ap.items())]
+    flat = list(itertools.chain(*cells))
+    rows = itertools.zip_longest(*[flat[i::3 * columns] for i in range(3 * columns)])
+    return tabulate(list(rows), headers=["category", "freq", "AP"] * columns, tablefmt="pipe", numalign="left")
 
 
 def build_lvis_evaluator(cfg, dataset_name: str, output_dir: str, iteration: int | None = None,
                          detections_dir: str | None = None) -> LVISMetricsEvaluator:
-    """The training-time evaluator: tasks from ``MODEL.MASK_ON``; ``metrics.json`` (with the config sha and
-    ``iteration``, the number of finished training iterations, ``null`` if not given) into ``output_dir``;
-    detections into ``detections_dir`` (default ``output_dir``)."""
+    """The training-time evaluator: tasks from ``MODEL.MASK_ON``; backend from ``ACP.EVAL_BACKEND``;
+    ``metrics.json`` (with the config sha and ``iteration``, the number of finished training iterations, ``null``
+    if not given) into ``output_dir``; detections into ``detections_dir`` (default ``output_dir``)."""
     tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
+    acp = cfg.get("ACP", None)
+    backend = acp.get("EVAL_BACKEND", None) if acp is not None else None
     return LVISMetricsEvaluator(
         dataset_name, tasks=tasks, output_dir=detections_dir or output_dir, metrics_dir=output_dir,
-        iteration=iteration, config_sha=config_sha(cfg),
+        iteration=iteration, config_sha=config_sha(cfg), backend=backend,
     )
 
 
 # ----- CLI ---------------------------------------------------------------------------------------------------------
 def cli_main(argv: list[str]) -> int:
     """``acp-data eval --gt FILE --dt FILE --out DIR``: evaluate a saved LVIS results file, write metrics.json."""
-    p = argparse.ArgumentParser(prog="acp-data eval", description="Evaluate a saved LVIS results file with lvis-api "
-                                "(AP, AP50, AP75, APs, APm, APl, APr, APc, APf per task) and write OUT/metrics.json.")
+    p = argparse.ArgumentParser(prog="acp-data eval", description="Evaluate a saved LVIS results file (AP, AP50, "
+                                "AP75, APs, APm, APl, APr, APc, APf per task) and write OUT/metrics.json.")
     p.add_argument("--gt", required=True, help="LVIS-format ground-truth json (with neg_category_ids)")
     p.add_argument("--dt", required=True, help="LVIS results json: a list of detections with json category ids")
     p.add_argument("--out", required=True, help="directory for metrics.json")
     p.add_argument("--tasks", nargs="+", choices=TASKS, help="default: bbox, plus segm if detections have masks")
+    p.add_argument("--backend", choices=BACKENDS, default=DEFAULT_BACKEND,
+                   help=f"evaluation backend (default {DEFAULT_BACKEND}; lvis = lvis-api, the reference: same numbers)")
     p.add_argument("--max-dets", type=int, default=LVIS_MAX_DETS, help="detections kept per image (LVIS: 300)")
     p.add_argument("--dataset", help="dataset name recorded in metrics.json (default: the --gt path)")
     p.add_argument("--iter", type=int, help="training iteration recorded in metrics.json")
     p.add_argument("--config-sha", help="config sha recorded in metrics.json")
+    p.add_argument("--per-category", action="store_true", help="also print the AP of every category")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        results = evaluate_lvis_results(args.gt, args.dt, tasks=args.tasks, max_dets=args.max_dets)
+        ev = evaluate_lvis(args.gt, args.dt, tasks=args.tasks, max_dets=args.max_dets, backend=args.backend,
+                           allow_empty=False)
     except EvaluationError as e:
         print(f"acp-data eval: error: {e}", file=sys.stderr)
         return 2
-    for task, m in results.items():
+    for task, m in ev.results.items():
         print(format_metrics_table(task, m) + "\n")
-    path = write_metrics(args.out, results, args.dataset or os.fspath(args.gt), args.iter, args.config_sha)
-    print(f"wrote {path}")
+        if args.per_category:
+            print(format_per_category_table(GroundTruth.load(args.gt), per_category_ap(ev.tasks[task])) + "\n")
+    path = write_metrics(args.out, ev.results, args.dataset or os.fspath(args.gt), args.iter, args.config_sha,
+                         eval_backend=ev.backend)
+    print(f"wrote {path} ({ev.backend})")
     return 0
