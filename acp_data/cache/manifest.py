@@ -163,3 +163,68 @@ def ensure_manifest(cache_dir: str | os.PathLike, categories: CategoryTable, gen
             + "\nUse another --out directory for another generation recipe."
         )
     return existing
+
+
+@dataclass(frozen=True)
+class SelectionDefaults:
+    """The selection thresholds a cache records, for command-line defaults: ``source`` says where they came from
+    (shown in help and logs, so a user sees why the default is not the paper's 60)."""
+
+    min_clis_i: float
+    min_clis_l: float
+    source: str
+
+    def as_dict(self) -> dict[str, float]:
+        return {"min_clis_i": self.min_clis_i, "min_clis_l": self.min_clis_l}
+
+
+def _selection_of(scoring: Any) -> tuple[float, float] | None:
+    sel = scoring.get("selection") if isinstance(scoring, dict) else None
+    if not isinstance(sel, dict):
+        return None
+    try:
+        return float(sel["min_clis_i"]), float(sel["min_clis_l"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def recorded_selection_defaults(cache_dir: str | os.PathLike) -> SelectionDefaults:
+    """MIN_CLIS_I / MIN_CLIS_L that made the cache's current ``selected`` flags, so commands default to them.
+
+    In order: the thresholds recorded by the index generations in use (the last ``rescore`` or a revert to one;
+    ``verify`` generations carry their predecessor's), when every shard agrees; else the prebuild's
+    ``scoring.selection`` in ``manifest.json``; else acp-data's defaults (60 and 0, the paper's recipe). A cache
+    that does not exist or does not parse raises ``CacheFormatError`` like ``load_manifest``.
+    """
+    from ..clis.select import DEFAULT_MIN_CLIS_I, DEFAULT_MIN_CLIS_L
+    from .index import choose_generation, list_generations, read_meta
+    from .layout import shard_path
+
+    manifest = load_manifest(cache_dir)
+    found: set[tuple[float, float]] = set()
+    reasons: set[str] = set()
+    complete = True
+    for shard, gens in sorted(list_generations(cache_dir).items()):
+        p = shard_path(cache_dir, shard)
+        if not p.exists():
+            continue
+        g, _, _ = choose_generation(cache_dir, shard, gens, p.stat().st_size)
+        sel = None
+        for older in sorted((x for x in gens if x <= g), reverse=True):  # verify/reindex record no scoring
+            meta = read_meta(cache_dir, shard, older)
+            sel = _selection_of(meta.get("scoring"))
+            if sel is not None:
+                reasons.add(str(meta.get("reason")))
+                break
+        if sel is None:
+            complete = False
+        else:
+            found.add(sel)
+    recorded = _selection_of(manifest.scoring)
+    if complete and len(found) == 1 and (reasons - {"write"} or recorded is None):
+        (i, l_), = found
+        return SelectionDefaults(i, l_, "the cache's index (the thresholds its current `selected` was made with, "
+                                 f"by {'/'.join(sorted(reasons))})")
+    if recorded is not None:
+        return SelectionDefaults(recorded[0], recorded[1], f"the cache's prebuild settings ({manifest.path})")
+    return SelectionDefaults(DEFAULT_MIN_CLIS_I, DEFAULT_MIN_CLIS_L, "acp-data's defaults (the cache records none)")
