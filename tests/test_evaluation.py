@@ -277,3 +277,50 @@ def test_acp_data_eval_command(tmp_path):
     assert r.returncode == 0, r.stderr
     doc = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert doc["dataset"] == "toy" and doc["bbox"]["AP"] == pytest.approx(100.0) and doc["segm"]["APr"] == 100.0
+
+
+@pytest.mark.parametrize("backend", ["lvis", "hotcoco"])
+def test_training_evaluator_uses_the_configured_backend(tmp_path, backend):
+    import torch
+    from detectron2.structures import Boxes, Instances
+
+    from acp_data.d2.config import get_acp_cfg
+    from acp_data.d2.evaluation import build_lvis_evaluator
+    from acp_data.d2.lvis_format import register_lvis_format
+
+    gt = make_gt(n_images=3)
+    gt_path = write(tmp_path, "gt.json", gt)
+    name = f"acp_test_eval_backend_{backend}"
+    register_lvis_format(name, gt_path, str(tmp_path))
+    cfg = get_acp_cfg()
+    cfg.MODEL.MASK_ON = False  # boxes only: segm is not evaluated, metrics.json has "segm": null
+    cfg.ACP.EVAL_BACKEND = backend
+    ev = build_lvis_evaluator(cfg, name, str(tmp_path / backend), iteration=3)
+    ev.reset()
+    dets = perfect_dets(gt, {1, 3})
+    for img in gt["images"]:
+        mine = [d for d in dets if d["image_id"] == img["id"]]
+        inst = Instances((H, W))
+        inst.pred_boxes = Boxes(torch.tensor([[d["bbox"][0], d["bbox"][1], d["bbox"][0] + SIDE, d["bbox"][1] + SIDE]
+                                              for d in mine], dtype=torch.float32).reshape(-1, 4))
+        inst.scores = torch.tensor([d["score"] for d in mine], dtype=torch.float32)
+        inst.pred_classes = torch.tensor([d["category_id"] - 1 for d in mine], dtype=torch.int64)
+        ev.process([{"image_id": img["id"], "height": H, "width": W}], [{"instances": inst}])
+    out = ev.evaluate()
+    assert list(out) == ["bbox"]
+    doc = json.loads((tmp_path / backend / "metrics.json").read_text())
+    assert doc["eval_backend"] == backend and doc["segm"] is None
+    assert doc["bbox"]["APr"] == pytest.approx(100.0) and doc["bbox"]["APc"] == 0.0
+    assert doc["bbox"] == pytest.approx(evaluate_lvis_results(gt_path, dets, tasks=("bbox",), backend="lvis")["bbox"])
+
+
+def test_eval_backend_config_key_is_validated():
+    from acp_data.d2.config import ConfigError, get_acp_cfg, validate_acp_config
+
+    cfg = get_acp_cfg()
+    assert cfg.ACP.EVAL_BACKEND == "hotcoco"
+    cfg.ACP.EVAL_BACKEND = "lvis"
+    validate_acp_config(cfg)
+    cfg.ACP.EVAL_BACKEND = "pycocotools"
+    with pytest.raises(ConfigError, match="ACP.EVAL_BACKEND = 'pycocotools'.*hotcoco, lvis"):
+        validate_acp_config(cfg)  # checked with ACP off too: evaluation runs either way

@@ -36,7 +36,8 @@ def test_train_then_eval_only(tiny_lvis, tmp_path):
                         str(out / "model_final.pth")], datasets_root=tiny_lvis["root"])
     assert ev.returncode == 0, ev.stderr[-4000:]
     doc = json.loads((out / "metrics.json").read_text())
-    assert set(doc) == {"bbox", "segm", "dataset", "iter", "config_sha"}
+    assert set(doc) == {"bbox", "segm", "dataset", "iter", "config_sha", "eval_backend"}
+    assert doc["eval_backend"] == "hotcoco"  # --eval-only runs the default ACP.EVAL_BACKEND
     for task in ("bbox", "segm"):
         assert set(doc[task]) == set(METRICS)
         for m in METRICS:

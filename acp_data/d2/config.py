@@ -12,6 +12,8 @@ from typing import Any
 
 from detectron2.config import CfgNode as CN
 
+from .eval_backends import BACKENDS as EVAL_BACKENDS
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "configs"  # a bare --config name is looked up here
 
@@ -80,6 +82,9 @@ def add_acp_config(cfg: CN) -> CN:
     # LVIS-format datasets to register before training: a list of [name, json_file, image_root]; relative paths are
     # resolved under $DETECTRON2_DATASETS (default "datasets"). Names must not contain "v1", "v0.5" or "cocofied".
     _C.ACP.REGISTER_LVIS = []
+    # LVIS evaluation backend (training-time evaluation and --eval-only): "hotcoco" (fast) or "lvis" (lvis-api, the
+    # reference); the same numbers (docs/design.md "Evaluation (contract)"). metrics.json records the one used.
+    _C.ACP.EVAL_BACKEND = "hotcoco"
     return cfg
 
 
@@ -109,6 +114,9 @@ def validate_acp_config(cfg: CN) -> None:
     mask_format = getattr(cfg.INPUT, "MASK_FORMAT", "polygon")
     if mask_format not in MASK_FORMATS:
         _fail("INPUT.MASK_FORMAT", mask_format, f"must be one of {', '.join(MASK_FORMATS)}")
+    backend = a.get("EVAL_BACKEND", "hotcoco")
+    if backend not in EVAL_BACKENDS:
+        _fail("ACP.EVAL_BACKEND", backend, f"must be one of {', '.join(EVAL_BACKENDS)}")
     if not a.ENABLED:
         return
     if cfg.SEED is None or int(cfg.SEED) < 0:
