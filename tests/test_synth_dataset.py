@@ -60,6 +60,30 @@ def test_dicts_follow_detectron2(cache):
     assert ds.category_image_counts().sum() == len(res.sample_category_pairs()[0])
 
 
+
+def test_dropped_instances_travel_with_the_kept_image(cache):
+    """Every stored instance of a kept image is either in ``annotations`` or in ``acp_dropped`` (same form, with the
+    reason), in record order; the mapper applies ``ACP.DROPPED_INSTANCES`` to the latter."""
+    d, written = cache
+    recs = _records(written)
+    ds = SyntheticDataset(d, Selection(select="clis", min_clis_i=50.0))
+    n_dropped = 0
+    for i in range(len(ds)):
+        item = ds[i]
+        reader = ds.readers[0]
+        rec = recs[(reader.key(item["acp_source"][1]), int(reader.value("candidate_idx", item["acp_source"][1])))]
+        below = [inst for inst in rec["instances"] if inst["clis_i"] < 50.0]
+        assert len(item["acp_dropped"]) == len(below)
+        for a, inst in zip(item["acp_dropped"], below):
+            assert a["acp_drop_reason"] == "min_clis_i" and a["category_id"] == inst["category_id"] - 1
+            assert a["bbox"] == inst["bbox"] and a["segmentation"] == inst["segmentation"]
+            assert a["acp_clis_i"] == inst["clis_i"] and a["iscrowd"] == 0 and set(a) - {"acp_drop_reason"} == \
+                set(item["annotations"][0])
+        n_dropped += len(below)
+    assert n_dropped > 0
+    everything = SyntheticDataset(d, ALL)
+    assert all(everything[i]["acp_dropped"] == [] for i in range(len(everything)))
+
 def test_layout_box_mode(cache):
     d, written = cache
     recs = _records(written)

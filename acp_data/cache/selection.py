@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SELECT_MODES = ("clis", "random", "first", "all")
+DROP_MIN_CLIS_I, DROP_CATEGORY = 0, 1  # SelectionResult.drop_reason
+DROP_REASONS = ("min_clis_i", "category")
 _GOLDEN = np.uint64(GOLDEN)
 
 
@@ -101,8 +103,11 @@ class SelectionResult:
 
     Kept sample ``k`` is row ``sample_row[k]`` of cache ``cache_index[k]``; its kept instances are
     ``inst_offsets[k]:inst_offsets[k + 1]`` in the ``inst_*`` arrays: ``inst_row`` (row in that cache's instance
-    columns), ``inst_local`` (position in the record's ``instances`` list), ``inst_category_id``. ``stats`` counts
-    what each rule removed. ``sample_mask``/``inst_mask`` (per cache, over all rows) are filled when asked for.
+    columns), ``inst_local`` (position in the record's ``instances`` list), ``inst_category_id``. The instances of
+    kept sample ``k`` that the rules removed (they stay in its pixels, unlabelled) are
+    ``drop_offsets[k]:drop_offsets[k + 1]`` in the ``drop_*`` arrays, laid out the same way, with ``drop_reason``
+    (``DROP_MIN_CLIS_I`` or ``DROP_CATEGORY``). ``stats`` counts what each rule removed. ``sample_mask``/``inst_mask``
+    (per cache, over all rows) are filled when asked for.
     """
 
     cache_index: np.ndarray
@@ -112,6 +117,11 @@ class SelectionResult:
     inst_local: np.ndarray
     inst_category_id: np.ndarray
     selection: Selection
+    drop_offsets: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.int64))
+    drop_row: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    drop_local: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
+    drop_category_id: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
+    drop_reason: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int8))
     stats: dict[str, int] = field(default_factory=dict)
     sample_mask: list[np.ndarray] | None = None
     inst_mask: list[np.ndarray] | None = None
@@ -121,6 +131,10 @@ class SelectionResult:
 
     def instances(self, k: int) -> slice:
         return slice(int(self.inst_offsets[k]), int(self.inst_offsets[k + 1]))
+
+    def dropped(self, k: int) -> slice:
+        """Kept sample ``k``'s dropped instances, as a slice of the ``drop_*`` arrays."""
+        return slice(int(self.drop_offsets[k]), int(self.drop_offsets[k + 1]))
 
     def category_ids(self, k: int) -> np.ndarray:
         """Category ids of kept sample ``k``'s kept instances (with repeats)."""
@@ -268,6 +282,7 @@ def select(readers: CacheReader | IndexColumns | Sequence[CacheReader | IndexCol
     inst_keep = keep[inst_sample]
     considered = int(inst_keep.sum())
     inst_keep &= _passes(cat["inst_clis_i"], sel.min_clis_i)
+    below_i = ~inst_keep  # (only meaningful where the sample is kept)
     stats["dropped_min_clis_i"] = considered - int(inst_keep.sum())
     stats["starved_categories"] = _warn_starved(cat["inst_category_id"], keep[inst_sample], inst_keep, sel.min_clis_i,
                                                 getattr(readers[0], "categories", None) if readers else None)
@@ -312,6 +327,10 @@ def select(readers: CacheReader | IndexColumns | Sequence[CacheReader | IndexCol
     offsets = np.zeros(len(kept) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum(np.bincount(inst_sample[kept_inst], minlength=n)[kept])
     inst_cache = np.searchsorted(ibounds, kept_inst, side="right") - 1
+    drop_inst = np.flatnonzero(keep[inst_sample] & ~inst_keep)
+    drop_offsets = np.zeros(len(kept) + 1, dtype=np.int64)
+    drop_offsets[1:] = np.cumsum(np.bincount(inst_sample[drop_inst], minlength=n)[kept])
+    drop_cache = np.searchsorted(ibounds, drop_inst, side="right") - 1
     result = SelectionResult(
         cache_index=cache_index,
         sample_row=(kept - bounds[cache_index]).astype(np.int64),
@@ -319,7 +338,13 @@ def select(readers: CacheReader | IndexColumns | Sequence[CacheReader | IndexCol
         inst_row=(kept_inst - ibounds[inst_cache]).astype(np.int64),
         inst_local=(kept_inst - inst_start[inst_sample[kept_inst]]).astype(np.int32),
         inst_category_id=cat["inst_category_id"][kept_inst].astype(np.int32),
-        selection=sel, stats=stats,
+        selection=sel,
+        drop_offsets=drop_offsets,
+        drop_row=(drop_inst - ibounds[drop_cache]).astype(np.int64),
+        drop_local=(drop_inst - inst_start[inst_sample[drop_inst]]).astype(np.int32),
+        drop_category_id=cat["inst_category_id"][drop_inst].astype(np.int32),
+        drop_reason=np.where(below_i[drop_inst], DROP_MIN_CLIS_I, DROP_CATEGORY).astype(np.int8),
+        stats=stats,
     )
     if return_masks:
         result.sample_mask = [keep[bounds[i]:bounds[i + 1]] for i in range(len(readers))]

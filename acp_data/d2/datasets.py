@@ -23,7 +23,7 @@ import torch.utils.data
 
 from ..cache.layout import BrokenSampleError, CacheError
 from ..cache.reader import CacheReader, open_caches
-from ..cache.selection import Selection, SelectionResult, select, stable_image_id
+from ..cache.selection import DROP_REASONS, Selection, SelectionResult, select, stable_image_id
 from ..categories import CategoryError, CategoryTable
 
 logger = logging.getLogger(__name__)
@@ -40,8 +40,11 @@ class SyntheticDataset(torch.utils.data.Dataset):
     Each dict has ``file_name`` (pseudo path ``acp://<cache>/<row>``, for display only), ``image_id`` (stable: a hash
     of key and candidate), ``height``, ``width``, ``annotations`` (``category_id`` contiguous = id - 1, ``bbox`` from
     the mask or the layout per ``box_mode``, ``bbox_mode`` XYWH_ABS, ``segmentation`` compressed RLE, ``iscrowd`` 0,
-    ``acp_clis_i``), ``acp_source = (cache_index, row)`` and, with ``include_image_bytes``, ``acp_image_bytes`` (the
-    encoded image, checksum-verified, from the same read as the record; the mapper decodes it).
+    ``acp_clis_i``), ``acp_dropped`` (the stored instances the selection removed from this kept image, which stay in
+    its pixels: the same form as ``annotations`` plus ``acp_drop_reason``, ``min_clis_i`` or ``category``; the
+    mapper applies ``ACP.DROPPED_INSTANCES`` to them), ``acp_source = (cache_index, row)`` and, with
+    ``include_image_bytes``, ``acp_image_bytes`` (the encoded image, checksum-verified, from the same read as the
+    record; the mapper decodes it).
     """
 
     def __init__(self, caches: Sequence[str | os.PathLike | CacheReader] | str | os.PathLike,
@@ -101,20 +104,25 @@ class SyntheticDataset(torch.utils.data.Dataset):
 
         insts = record["instances"]
         field = _BOX_FIELD[self.box_mode]
-        anns = []
-        for j in self.result.inst_local[self.result.instances(idx)]:
+
+        def ann(j: int) -> dict[str, Any]:
             inst = insts[int(j)]
-            anns.append({
-                "category_id": int(inst["category_id"]) - 1, "bbox": [float(v) for v in inst[field]],
-                "bbox_mode": BoxMode.XYWH_ABS, "segmentation": dict(inst["segmentation"]), "iscrowd": 0,
-                "acp_clis_i": inst["clis_i"],
-            })
+            return {"category_id": int(inst["category_id"]) - 1, "bbox": [float(v) for v in inst[field]],
+                    "bbox_mode": BoxMode.XYWH_ABS, "segmentation": dict(inst["segmentation"]), "iscrowd": 0,
+                    "acp_clis_i": inst["clis_i"]}
+
+        res = self.result
+        anns = [ann(j) for j in res.inst_local[res.instances(idx)]]
+        drops = res.dropped(idx)
+        dropped = [{**ann(j), "acp_drop_reason": DROP_REASONS[int(r)]}
+                   for j, r in zip(res.drop_local[drops], res.drop_reason[drops])]
         reader = self.readers[ci]
         image_id = int(stable_image_id(reader.value("key_hash", row), record["candidate_idx"])[0])
         d = {
             "file_name": f"acp://{reader.cache_dir}/{row}", "image_id": image_id,
             "height": int(record["height"]), "width": int(record["width"]), "annotations": anns,
-            "acp_source": (ci, row), "acp_clis_l": record["clis_l"], "acp_clis_i": record["clis_i"],
+            "acp_dropped": dropped, "acp_source": (ci, row), "acp_clis_l": record["clis_l"],
+            "acp_clis_i": record["clis_i"],
         }
         if self.include_image_bytes:
             d["acp_image_bytes"] = img
