@@ -1,7 +1,7 @@
 """Compare training runs: ``acp-data report RUN_DIR... --out DIR``.
 
-Each run directory holds ``metrics.json`` (the evaluation contract of design.md) and the ``config.yaml`` detectron2
-writes. Runs whose configs differ only by ``SEED`` / ``OUTPUT_DIR`` form one group and are reported as mean +- std
+Each run directory holds ``metrics.json`` (the evaluation contract of design.md, with the ``eval_backend`` that
+computed it) and the ``config.yaml`` detectron2 writes. Runs whose configs differ only by ``SEED`` / ``OUTPUT_DIR`` form one group and are reported as mean +- std
 (sample std, n-1). Outputs: ``report.md``, ``report.csv`` (one row per run), ``groups.csv`` and PNG plots:
 per-group AP (APr/APc/APf) per run group, and APr against the synthetic ratio or image count when groups sweep it.
 """
@@ -23,8 +23,9 @@ logger = logging.getLogger(__name__)
 
 TASKS = ("segm", "bbox")
 METRICS = ("AP", "APr", "APc", "APf")
-# Config keys ignored when deciding whether two runs differ "only by seed".
-_SEED_KEYS = ("SEED", "OUTPUT_DIR")
+# Config keys ignored when deciding whether two runs differ "only by seed" (the evaluation backend changes no
+# number: docs/design.md "Evaluation (contract)").
+_SEED_KEYS = ("SEED", "OUTPUT_DIR", "ACP.EVAL_BACKEND")
 
 
 class ReportError(ValueError):
@@ -42,6 +43,11 @@ class Run:
     @property
     def seed(self) -> Any:
         return self.config.get("SEED")
+
+    @property
+    def eval_backend(self) -> str:
+        """The backend that computed the run's numbers; ``lvis`` for a metrics.json from before the key existed."""
+        return str(self.metrics.get("eval_backend") or "lvis")
 
     def value(self, task: str, metric: str) -> float | None:
         v = (self.metrics.get(task) or {}).get(metric)
@@ -132,6 +138,17 @@ def check_mask_formats(runs: Sequence[Run]) -> str | None:
         raise ReportError(str(e)) from None
 
 
+def eval_backends_line(runs: Sequence[Run]) -> str:
+    """One report line naming the evaluation backend(s) of the runs. Both backends give lvis-api's numbers
+    (docs/design.md "Evaluation (contract)"), so runs evaluated by different ones still compare; the line says so."""
+    used = sorted({r.eval_backend for r in runs})
+    if len(used) == 1:
+        return f"Evaluation backend of all runs: `{used[0]}`."
+    detail = ", ".join(f"{r.name}: {r.eval_backend}" for r in runs)
+    logger.info("runs were evaluated by different backends (%s); their numbers are the same by contract", detail)
+    return f"Evaluation backends: {detail} (the same numbers by contract: hotcoco equals lvis-api)."
+
+
 def _fmt(mean: float | None, std: float | None, n: int) -> str:
     if mean is None:
         return "n/a"
@@ -140,7 +157,7 @@ def _fmt(mean: float | None, std: float | None, n: int) -> str:
 
 def write_tables(groups: Sequence[Group], out: Path) -> tuple[Path, Path, Path]:
     runs = [r for g in groups for r in g.runs]
-    header = ["run", "group", "seed"] + [f"{t}_{m}" for t in TASKS for m in METRICS]
+    header = ["run", "group", "seed"] + [f"{t}_{m}" for t in TASKS for m in METRICS] + ["eval_backend"]
     run_csv = out / "report.csv"
     with open(run_csv, "w", newline="") as f:
         w = csv.writer(f)
@@ -148,7 +165,8 @@ def write_tables(groups: Sequence[Group], out: Path) -> tuple[Path, Path, Path]:
         for g in groups:
             for r in g.runs:
                 w.writerow([r.name, g.label, r.seed] + [
-                    "" if (v := r.value(t, m)) is None else f"{v:.4f}" for t in TASKS for m in METRICS])
+                    "" if (v := r.value(t, m)) is None else f"{v:.4f}" for t in TASKS for m in METRICS]
+                    + [r.eval_backend])
     group_csv = out / "groups.csv"
     with open(group_csv, "w", newline="") as f:
         w = csv.writer(f)
@@ -165,6 +183,7 @@ def write_tables(groups: Sequence[Group], out: Path) -> tuple[Path, Path, Path]:
     fmt = check_mask_formats(runs)
     if fmt:
         lines += [f"Mask format of all runs: `{fmt}`.", ""]
+    lines += [eval_backends_line(runs), ""]
     for t in TASKS:
         title = "mask" if t == "segm" else "box"
         lines += [f"## {title} AP ({t}), mean ± std over seeds", "",

@@ -287,7 +287,7 @@ def config_changes(run: PlannedRun) -> list[str]:
         saved = flatten_config(yaml.safe_load(saved_path.read_text()) or {})
     except yaml.YAMLError as e:
         return [f"config.yaml: unreadable ({e})"]
-    skip = {"OUTPUT_DIR"} | {k for k, v in run.overrides.items() if v.startswith(MATCH_PREFIX)}
+    skip = {"OUTPUT_DIR", "ACP.EVAL_BACKEND"} | {k for k, v in run.overrides.items() if v.startswith(MATCH_PREFIX)}
     over = {k: v for k, v in run.overrides.items() if not v.startswith(MATCH_PREFIX)}
     want = flatten_config(yaml.safe_load(load_cfg(run.spec.config, {**over, "SEED": str(run.seed)}).dump()))
     changes = []

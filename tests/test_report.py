@@ -70,3 +70,23 @@ def test_missing_metrics_named(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(ReportError, match="empty.*metrics.json"):
         make_report([tmp_path / "empty"], tmp_path / "out")
+
+
+def test_eval_backend_shown_and_not_a_group_key(tmp_path: Path) -> None:
+    a = _run(tmp_path, "acp_seed0", 0, True, 10.0)
+    b = _run(tmp_path, "acp_seed1", 1, True, 12.0)
+    old = _run(tmp_path, "acp_seed2", 2, True, 14.0)  # a metrics.json from before eval_backend: lvis-api's
+    for run, backend in ((a, "hotcoco"), (b, "lvis")):
+        m = json.loads((run / "metrics.json").read_text())
+        (run / "metrics.json").write_text(json.dumps({**m, "eval_backend": backend}))
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        cfg["ACP"]["EVAL_BACKEND"] = backend
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    summary = make_report([a, b, old], tmp_path / "out")
+    assert list(summary) == ["acp"] and summary["acp"]["segm_APr"]["n"] == 3  # one group: the backend changes nothing
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "acp_seed0: hotcoco, acp_seed1: lvis, acp_seed2: lvis" in md
+    rows = list(csv.DictReader(open(tmp_path / "out" / "report.csv")))
+    assert [r["eval_backend"] for r in rows] == ["hotcoco", "lvis", "lvis"]
+    make_report([a], tmp_path / "one")
+    assert "Evaluation backend of all runs: `hotcoco`." in (tmp_path / "one" / "report.md").read_text()

@@ -127,10 +127,13 @@ def format_metrics_table(task: str, metrics: dict[str, float | None]) -> str:
 
 
 def config_sha(cfg) -> str:
-    """Short sha256 of the config as run, without OUTPUT_DIR (where a run is written does not change it)."""
+    """Short sha256 of the config as run, without OUTPUT_DIR and ACP.EVAL_BACKEND (where a run is written and which
+    backend evaluates it change neither the model nor the numbers; configs from before that key hash as before)."""
     c = cfg.clone()
     c.defrost()
     c.OUTPUT_DIR = ""
+    if "ACP" in c:
+        c.ACP.pop("EVAL_BACKEND", None)
     return hashlib.sha256(c.dump().encode()).hexdigest()[:16]
 
 
