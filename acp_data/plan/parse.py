@@ -1,11 +1,9 @@
-"""Robust JSON extraction from real LLM answers, and conversion of the two-stage answers (description, layout) into
-a validated ``SceneGraph``.
+"""The two-stage answers of an LLM planner (description, layout) -> a repaired, validated ``SceneGraph``.
 
 LLMs wrap JSON in code fences and prose, leave trailing commas, use single quotes or Python literals, and get cut
-off at the token limit. ``extract_json`` tolerates the first four and reports the last as ``truncated``; it reads
-at most ``MAX_ANSWER_CHARS`` of an answer, in time linear in what it reads (a 2 MB answer costs what 256 KiB do). Every
-verdict is a list of named reasons: ``scene.py``'s codes plus the parse codes below, so a planner can count them
-and feed the message back to the model on retry.
+off at the token limit: ``jsontext.extract_json`` finds the JSON, in bounded time. Every verdict is a list of named
+reasons (``scene.py``'s codes plus ``jsontext``'s), so a planner can count them and feed the message back to the
+model on retry.
 
 Two answer shapes are read: ours (``prompts.py``) and the ACP repository's (attributes and groups as lists of
 ``{name, attributes}`` / ``{id, group}``, relations as per-caption blocks ``{caption, relations: [{subject, object,
@@ -45,15 +43,18 @@ from ..scene import (
     SceneObject,
     normalize_object_id,
 )
+from .jsontext import (
+    BAD_JSON,
+    BAD_SCHEMA,
+    MAX_ANSWER_CHARS,
+    NO_JSON,
+    PARSE_REASONS,
+    TOO_LONG,
+    TRUNCATED,
+    ParseError,
+    extract_json,
+)
 
-NO_JSON = "no_json"
-TRUNCATED = "truncated"
-TOO_LONG = "too_long"
-BAD_JSON = "bad_json"
-BAD_SCHEMA = "bad_schema"
-PARSE_REASONS = (NO_JSON, TRUNCATED, TOO_LONG, BAD_JSON, BAD_SCHEMA)
-# Answers are read up to this many characters: a complete JSON value must start and end within them.
-MAX_ANSWER_CHARS = 1 << 18
 # Repairs counted by the parser (``SceneGraph.repair`` adds ``clip_box`` and ``normalize_id``).
 REPAIR_ACP_SHAPE = "acp_shape"
 REPAIR_RENAME_ID = "rename_id"
@@ -62,21 +63,11 @@ REPAIR_DROP_RELATION = "drop_relation"
 REPAIR_DROP_DANGLING = "drop_dangling_id"
 PARSE_REPAIRS = (REPAIR_ACP_SHAPE, REPAIR_RENAME_ID, REPAIR_DROP_EXTRA, REPAIR_DROP_RELATION, REPAIR_DROP_DANGLING)
 
-__all__ = [
-    "NO_JSON", "TRUNCATED", "TOO_LONG", "BAD_JSON", "BAD_SCHEMA", "PARSE_REASONS", "MAX_ANSWER_CHARS", "PARSE_REPAIRS", "ParseError", "Verdict",
-    "extract_json", "parse_description", "parse_layout", "description_to_scene", "layout_to_scene",
+__all__ = [  # the extraction names stay importable from here
+    "NO_JSON", "TRUNCATED", "TOO_LONG", "BAD_JSON", "BAD_SCHEMA", "PARSE_REASONS", "MAX_ANSWER_CHARS", "ParseError",
+    "extract_json", "PARSE_REPAIRS", "Verdict", "parse_description", "parse_layout", "description_to_scene",
+    "layout_to_scene",
 ]
-
-_MAX_CANDIDATES = 64
-
-
-class ParseError(ValueError):
-    """An answer without usable JSON; ``code`` is one of ``PARSE_REASONS``."""
-
-    def __init__(self, code: str, detail: str) -> None:
-        super().__init__(f"{code}: {detail}")
-        self.code = code
-        self.detail = detail
 
 
 @dataclass
@@ -98,199 +89,6 @@ class Verdict:
 
     def message(self) -> str:
         return "; ".join(f"{c}: {d}" for c, d in self.reasons)
-
-
-# ----- JSON extraction ----------------------------------------------------------------------------------------------
-_CLOSE = {"{": "}", "[": "]"}
-_OPEN = re.compile(r"[{\[]")
-
-
-def _apostrophe(text: str, i: int) -> bool:
-    """A single quote between two letters is an apostrophe (``dog's``), not a string delimiter."""
-    return 0 < i < len(text) - 1 and text[i - 1].isalpha() and text[i + 1].isalpha()
-
-
-def _scan(text: str, start: int, found: dict[int, tuple[int | None, bool]]) -> int:
-    """One pass from the opening bracket at ``start`` (string-aware, both quote styles): records in ``found``, for it
-    and every bracket opened inside it outside strings, the index just past its matching close, or ``(None,
-    truncated)``: truncated when the text ends inside the value, else a bracket mismatch. Returns where the pass
-    stopped; a bracket opened at p inside the pass would scan exactly the same from p, so no pass is repeated and
-    extraction stays linear in the text."""
-    stack = [(start, _CLOSE[text[start]])]
-    i, n = start + 1, len(text)
-    quote: str | None = None
-    while i < n:
-        c = text[i]
-        if quote:
-            if c == "\\":
-                i += 2
-                continue
-            if c == quote and not (c == "'" and _apostrophe(text, i)):
-                quote = None
-            elif c == "\n" and quote == "'":  # an apostrophe in prose, not a string: give up on this quote
-                quote = None
-        elif c in "\"'" and not (c == "'" and _apostrophe(text, i)):
-            quote = c
-        elif c in "{[":
-            stack.append((i, _CLOSE[c]))
-        elif c in "}]":
-            if c != stack[-1][1]:
-                for p, _ in stack:
-                    found[p] = (None, False)
-                return i
-            found[stack.pop()[0]] = (i + 1, False)
-            if not stack:
-                return i
-        i += 1
-    for p, _ in stack:
-        found[p] = (None, True)
-    return n
-
-
-_WORDS = {"True": "true", "False": "false", "None": "null", "true": "true", "false": "false", "null": "null",
-          "NaN": "null", "nan": "null"}
-
-
-def _to_json(span: str) -> str:
-    """Rewrite JSON-ish text as JSON: single-quoted strings, Python literals, comments, trailing commas."""
-    out: list[str] = []
-    i, n = 0, len(span)
-    while i < n:
-        c = span[i]
-        if c in "\"'":
-            j = i + 1
-            buf: list[str] = []
-            while j < n and (span[j] != c or c == "'" and _apostrophe(span, j)):
-                if span[j] == "\\" and j + 1 < n:
-                    buf.append(span[j:j + 2])
-                    j += 2
-                    continue
-                buf.append(span[j])
-                j += 1
-            s = "".join(buf)
-            if c == "'":
-                s = s.replace("\\'", "'").replace('"', '\\"')
-            out.append('"' + s + '"')
-            i = j + 1
-        elif span.startswith("//", i):
-            j = span.find("\n", i)
-            i = n if j < 0 else j
-        elif span.startswith("/*", i):
-            j = span.find("*/", i + 2)
-            i = n if j < 0 else j + 2
-        elif c == "#":  # Python comment
-            j = span.find("\n", i)
-            i = n if j < 0 else j
-        elif c == ",":
-            j = i + 1
-            while j < n and span[j].isspace():
-                j += 1
-            if j < n and span[j] in "}]":
-                i = j
-            else:
-                out.append(c)
-                i += 1
-        elif c.isdigit() or (c in "-+." and i + 1 < n and span[i + 1].isdigit()):
-            j = i + 1
-            while j < n and (span[j].isdigit() or span[j] in ".eE" or span[j] in "+-" and span[j - 1] in "eE"):
-                j += 1
-            num = span[i:j].lstrip("+")
-            if num.startswith("."):
-                num = "0" + num
-            elif num.startswith("-."):
-                num = "-0" + num[1:]
-            out.append(num)
-            i = j
-        elif c.isalpha() or c == "_":
-            j = i
-            while j < n and (span[j].isalnum() or span[j] == "_"):
-                j += 1
-            word = span[i:j]
-            out.append(_WORDS.get(word, json.dumps(word)))  # bare keys become strings
-            i = j
-        else:
-            out.append(c)
-            i += 1
-    return "".join(out)
-
-
-def _loads(span: str, budget: list[int]) -> Any:
-    """Parse a candidate as JSON, else as JSON-ish text rewritten by ``_to_json`` while ``budget[0]`` (characters
-    left to rewrite, shared by all candidates of an answer) lasts."""
-    try:
-        return json.loads(span, strict=False)
-    except json.JSONDecodeError:
-        pass
-    except RecursionError:
-        raise ValueError("nested too deeply") from None
-    if len(span) > budget[0]:
-        raise ValueError("not JSON (and no rewrite budget left)")
-    budget[0] -= len(span)
-    try:
-        return json.loads(_to_json(span), strict=False)
-    except RecursionError:
-        raise ValueError("nested too deeply") from None
-
-
-def extract_json(text: str, accept: Callable[[Any], bool] | None = None, finish_reason: str | None = None) -> Any:
-    """The first JSON value (object or array) in ``text`` that parses and satisfies ``accept``.
-
-    Tries the contents of code fences first, then every opening bracket in order (prose may contain ``{...}``
-    placeholders), brackets inside an earlier candidate's strings excepted. Reads the first ``MAX_ANSWER_CHARS`` of
-    ``text`` only. Raises ``ParseError`` with ``no_json`` (nothing like JSON), ``truncated`` (the answer ends inside
-    a value, or the generation hit its token limit without a complete value), ``too_long`` (no complete value in the
-    characters read of a longer answer), ``bad_json`` (brackets balance but it does not parse) or ``bad_schema``
-    (parses but ``accept`` refuses every candidate).
-    """
-    if not isinstance(text, str) or not text.strip():
-        raise ParseError(TRUNCATED if finish_reason == "length" else NO_JSON, "the answer is empty")
-    cut_here = len(text) > MAX_ANSWER_CHARS
-    text = text[:MAX_ANSWER_CHARS]
-    sources = [m.group(1) for m in re.finditer(r"```[a-zA-Z0-9_-]*[ \t]*\n?(.*?)```", text, flags=re.S)]
-    fence_open = text.rfind("```")
-    if text.count("```") % 2 == 1 and fence_open >= 0:  # an unclosed fence: the answer was cut off
-        sources.append(text[fence_open:].split("\n", 1)[-1] if "\n" in text[fence_open:] else "")
-    sources.append(text)
-    seen_any = truncated = parsed_any = False
-    errors: list[str] = []
-    tried = 0
-    budget = [2 * len(text) + 4096]
-    for src in sources:
-        found: dict[int, tuple[int | None, bool]] = {}
-        covered = -1  # the last index an earlier pass of this source read
-        for m in _OPEN.finditer(src):
-            if tried >= _MAX_CANDIDATES:
-                break
-            start = m.start()
-            if start > covered:
-                covered = _scan(src, start, found)
-            elif start not in found:  # inside a string of an earlier candidate
-                continue
-            seen_any = True
-            tried += 1
-            end, cut = found[start]
-            if end is None:
-                truncated = truncated or cut
-                continue
-            try:
-                value = _loads(src[start:end], budget)
-            except (json.JSONDecodeError, ValueError) as e:
-                errors.append(str(e))
-                continue
-            parsed_any = True
-            if accept is None or accept(value):
-                return value
-            # the expected object may be nested inside: the next candidates are the brackets within
-    if cut_here and finish_reason != "length":
-        raise ParseError(TOO_LONG, f"the answer is longer than {MAX_ANSWER_CHARS} characters and has no complete, "
-                                   "expected JSON in them")
-    if truncated or (finish_reason == "length" and not parsed_any):
-        raise ParseError(TRUNCATED, "the answer ends before its JSON is complete (token limit?)")
-    if parsed_any:
-        raise ParseError(BAD_SCHEMA, "the JSON in the answer does not have the expected keys")
-    if seen_any:
-        raise ParseError(BAD_JSON, "the JSON in the answer does not parse" + (f" ({errors[0]})" if errors else ""))
-    raise ParseError(NO_JSON, "the answer contains no JSON object")
 
 
 # ----- schema helpers -----------------------------------------------------------------------------------------------
@@ -492,15 +290,26 @@ def _renames(found: list[str], declared: set[str], requested: list[str]) -> dict
     return out
 
 
-def _rewrite_tags(caption: str, fix: Callable[[str], str | None]) -> str:
-    """Rewrite the ids inside the caption's ``(...)`` tags with ``fix`` (None: leave that token as written)."""
-    def one(m: re.Match) -> str:
-        tokens = [t.strip() for t in m.group(1).split(",")]
-        if not all(_split_id(t) for t in tokens if t):
-            return m.group(0)  # prose in parentheses
-        return "(" + ", ".join((fix(t) or t) if t else t for t in tokens) + ")"
+_TAG = re.compile(r"\(([^()]+)\)")
 
-    return re.sub(r"\(([^()]+)\)", one, caption)
+
+def _tag_ids(m: re.Match) -> list[str] | None:
+    """The ids of a caption tag ``(dog-1, dog-2)``, or None for prose in parentheses."""
+    tokens = [t.strip() for t in m.group(1).split(",")]
+    return tokens if all(_split_id(t) for t in tokens) else None
+
+
+def _tag_tokens(caption: str) -> list[str]:
+    return [t for m in _TAG.finditer(caption or "") for t in _tag_ids(m) or []]
+
+
+def _rewrite_tags(caption: str, fix: Callable[[str], str | None]) -> str:
+    """Rewrite the ids inside the caption's tags with ``fix`` (None: leave that id as written)."""
+    def one(m: re.Match) -> str:
+        ids = _tag_ids(m)
+        return m.group(0) if ids is None else "(" + ", ".join(fix(t) or t for t in ids) + ")"
+
+    return _TAG.sub(one, caption)
 
 
 def _resolve(scene: SceneGraph, requested: Mapping[str, int], declared: list[str], repairs: Counter) -> SceneGraph:
@@ -511,7 +320,7 @@ def _resolve(scene: SceneGraph, requested: Mapping[str, int], declared: list[str
     mentioned = [*declared, *(x for g in scene.groups.values() for x in g),
                  *(x for layer in scene.layers.values() for x in layer),
                  *(x for r in scene.relations for x in [*r.subjects, *r.objects])]
-    mentioned += [t for t in _tag_tokens(scene.caption)]
+    mentioned += _tag_tokens(scene.caption)
     unknown = list(dict.fromkeys(n for n in map(normalize_object_id, mentioned) if n not in req
                                  and n not in scene.groups))
     renames = _renames(unknown, decl, req)
@@ -538,8 +347,8 @@ def _resolve(scene: SceneGraph, requested: Mapping[str, int], declared: list[str
         else:
             repairs[REPAIR_DROP_RELATION] += 1
 
-    def members(ids: list[str], also: Mapping[str, Any] = {}) -> list[str]:  # noqa: B006 (read only)
-        kept = [fix(x) if fix(x) in known else x for x in ids if fix(x) in known or x in also]
+    def members(ids: list[str], groups: Mapping[str, Any] | None = None) -> list[str]:
+        kept = [fix(x) if fix(x) in known else x for x in ids if fix(x) in known or x in (groups or {})]
         repairs[REPAIR_DROP_DANGLING] += len(ids) - len(kept)
         return kept
 
@@ -547,12 +356,6 @@ def _resolve(scene: SceneGraph, requested: Mapping[str, int], declared: list[str
     layers = {k: members(m, groups) for k, m in scene.layers.items()}
     caption = _rewrite_tags(scene.caption, lambda t: fix(t) if fix(t) in known else None)
     return SceneGraph(objects=objects, relations=relations, layers=layers, caption=caption, groups=groups)
-
-
-def _tag_tokens(caption: str) -> list[str]:
-    found: list[str] = []
-    _rewrite_tags(caption or "", lambda t: found.append(t))  # type: ignore[func-returns-value]
-    return found
 
 
 # ----- conversion -----------------------------------------------------------------------------------------------------
