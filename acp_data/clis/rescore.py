@@ -196,27 +196,41 @@ def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 
 def cli_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="acp-data rescore", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from ..cli import HelpFormatter, fail
+
+    prog = "acp-data rescore"
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter, epilog=(
+                                         "A rescore publishes new index generations; `acp-data generations CACHE` "
+                                         "lists them and `--use N` makes an earlier one current again."))
     parser.add_argument("cache", help="cache directory written by `acp-data prebuild`")
     parser.add_argument("--scorer", required=True, help="clip, vlm, or an import path package.module:Class")
     parser.add_argument("--options", default=None, help="YAML/JSON file with the scorer's options (a mapping)")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                        help="a scorer option (repeatable; dots for nested keys, values parsed as YAML)")
-    parser.add_argument("--min-clis-i", type=float, default=DEFAULT_MIN_CLIS_I, help="instance threshold of `selected`")
-    parser.add_argument("--min-clis-l", type=float, default=DEFAULT_MIN_CLIS_L, help="layout threshold of `selected`")
-    parser.add_argument("--priors", default=None, help="priors file: also recompute CLIS-L (else the stored one stays)")
+                        help="a scorer option (repeatable; dots for nested keys, values parsed as YAML), e.g. "
+                        "model=local-dir:PATH or model=ViT-B-32 pretrained=openai; the scorer stops if no weights "
+                        "are named (docs/plugins.md)")
+    parser.add_argument("--min-clis-i", type=float, default=None,
+                        help="instance threshold of `selected` (default: the one the cache records, from its "
+                        f"last rescore or its prebuild settings, else {DEFAULT_MIN_CLIS_I:g})")
+    parser.add_argument("--min-clis-l", type=float, default=None,
+                        help="layout threshold of `selected` (default: the one the cache records, else "
+                        f"{DEFAULT_MIN_CLIS_L:g})")
+    parser.add_argument("--priors", default=None, help="priors file: also recompute CLIS-L (default: keep the stored "
+                        "CLIS-L)")
     parser.add_argument("--layout-set", action="append", default=[], metavar="KEY=VALUE",
                         help="a LayoutScorer option with --priors (percentile=98, min_refs=5, ...)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="cpu", help="torch device of the scorer")
+    parser.add_argument("--dtype", default="float32", help="model dtype (float32, float16, bfloat16)")
     parser.add_argument("--units-per-batch", type=int, default=16, help="work units scored per scorer call")
     parser.add_argument("--force", action="store_true", help="rescore shards already rescored with these settings")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from ..cache.generations import selected_count
     from ..cache.layout import CacheError
+    from ..cache.manifest import recorded_selection_defaults
     from ..cache.reader import CacheReader
     from ..priors import Priors, PriorsError
     from ..registry import SCORERS, RegistryError
@@ -224,6 +238,12 @@ def cli_main(argv: list[str]) -> int:
     try:
         if not Path(args.cache).is_dir():
             raise ValueError(f"cache directory {args.cache!r} does not exist")
+        recorded = recorded_selection_defaults(args.cache)
+        min_clis_i = recorded.min_clis_i if args.min_clis_i is None else args.min_clis_i
+        min_clis_l = recorded.min_clis_l if args.min_clis_l is None else args.min_clis_l
+        if args.min_clis_i is None or args.min_clis_l is None:
+            logger.info("rescore thresholds: min_clis_i %g, min_clis_l %g (defaults from %s)", min_clis_i,
+                        min_clis_l, recorded.source)
         options: dict[str, Any] = {}
         if args.options:
             import yaml
@@ -248,11 +268,15 @@ def cli_main(argv: list[str]) -> int:
                 raise ValueError(f"priors {args.priors} have {len(priors.categories)} categories, the cache "
                                  f"{len(categories)}")
             layout = LayoutScorer(priors, **_parse_sets(args.layout_set, "--layout-set"))
-        stats = rescore_cache(args.cache, scorer, min_clis_i=args.min_clis_i, min_clis_l=args.min_clis_l,
+        before = selected_count(args.cache)
+        stats = rescore_cache(args.cache, scorer, min_clis_i=min_clis_i, min_clis_l=min_clis_l,
                               layout=layout, units_per_batch=args.units_per_batch, force=args.force,
                               progress=not args.no_progress)
+        stats["selected_before"], stats["selected_after"] = before, selected_count(args.cache)
     except (ValueError, CacheError, PriorsError, RegistryError, FileNotFoundError) as e:
-        print(f"acp-data rescore: error: {e}", file=sys.stderr)
-        return 2
+        return fail(prog, e)
     print(json.dumps(stats, indent=1, sort_keys=True))
+    print(f"{args.cache}: selected {stats['selected_before']} -> {stats['selected_after']} samples "
+          f"(min_clis_i {min_clis_i:g}, min_clis_l {min_clis_l:g}); undo with `acp-data generations {args.cache}` "
+          "and --use N", file=sys.stderr)
     return 0
