@@ -32,6 +32,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import uuid
@@ -46,6 +47,7 @@ import numpy as np
 from .layout import (
     FORMAT_VERSION,
     INDEX_NAME_RE,
+    QUARANTINE,
     CacheError,
     CacheFormatError,
     fsync_dir,
@@ -72,6 +74,7 @@ INSTANCE_COLUMNS: dict[str, str] = {
     "inst_layout_bbox": "<f4",
 }
 SCORE_COLUMNS = ("clis_l", "clis_i", "selected", "inst_clis_i")
+_READ_COLUMNS = ("image_offset", "image_size", "record_offset", "record_size", "checksum")
 META = "meta.json"
 
 
@@ -380,14 +383,106 @@ def reindex_orphans(cache_dir: str | os.PathLike) -> list[str]:
     return done
 
 
+QUARANTINE_STEM_RE = re.compile(r"^(?P<key>[A-Za-z0-9_-]{1,64})\.c(?P<cand>\d+)$")
+
+
+@dataclass
+class UnitStatus:
+    """What a resumed prebuild finds in a cache, unit by unit (the unit is the atom of resume: all its candidates are
+    written together, so it is either done or redone whole).
+
+    ``done``: every indexed sample of the unit is present and intact; ``lost``: indexed, but no intact sample is left
+    (a missing shard, a shard cut before them): a rerun regenerates it; ``damaged``: some candidates intact, others
+    lost (or quarantined by an earlier ``verify``): left alone until ``acp-data verify --repair`` removes the unit
+    whole, so that a rerun regenerates it whole instead of storing its intact candidates twice.
+    """
+
+    done: set[str]
+    lost: set[str]
+    damaged: set[str]
+    missing_shards: list[str]
+    damaged_shards: list[str]
+
+
+def intact_rows(path: str | os.PathLike, columns: dict[str, np.ndarray]) -> np.ndarray:
+    """Per index row of a shard whose size differs from its index: are its byte ranges inside the file and its crc32
+    right? (A shard of the recorded size is trusted without reading it: bit flips are ``verify``'s job.)"""
+    n = len(columns["key"])
+    ok = np.zeros(n, dtype=bool)
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        for i in range(n):
+            io_, isz = int(columns["image_offset"][i]), int(columns["image_size"][i])
+            ro, rsz = int(columns["record_offset"][i]), int(columns["record_size"][i])
+            if not (io_ + isz <= ro and ro + rsz <= size):
+                continue
+            buf = os.pread(f.fileno(), ro + rsz - io_, io_)
+            ok[i] = checksum(buf[:isz], buf[ro - io_:]) == int(columns["checksum"][i])
+    return ok
+
+
+def quarantined_samples(cache_dir: str | os.PathLike) -> set[tuple[str, int]]:
+    """``(key, candidate_idx)`` of the samples ``verify`` moved to ``quarantine/`` (from its ``reasons.json`` files);
+    a key that still has other candidates in the index lost these ones."""
+    out: set[tuple[str, int]] = set()
+    qdir = Path(cache_dir) / QUARANTINE
+    if not qdir.is_dir():
+        return out
+    for p in sorted(qdir.glob("*/reasons.json")):
+        try:
+            items = read_json(p, "quarantine reasons").get("items", [])
+        except (CacheError, AttributeError) as e:
+            logger.warning("%s cannot be read (%s); units it lists are not known to be partial", p, e)
+            continue
+        for it in items:
+            m = QUARANTINE_STEM_RE.match(str(it.get("stem", ""))) if isinstance(it, dict) else None
+            if m:
+                out.add((m["key"], int(m["cand"])))
+    return out
+
+
+def unit_status(cache_dir: str | os.PathLike) -> UnitStatus:
+    """Which units of the cache are done, lost or damaged (see ``UnitStatus``); orphans are not looked at (run
+    ``reindex_orphans`` first). Reads the key column of every shard, and the bytes of shards whose size differs from
+    the one their index was written for."""
+    intact: dict[str, int] = {}
+    broken: dict[str, int] = {}
+    present: set[tuple[str, int]] = set()
+    missing, damaged_shards = [], []
+    for shard, gens in sorted(list_generations(cache_dir).items()):
+        path = shard_path(cache_dir, shard)
+        try:
+            size = os.path.getsize(path)
+        except FileNotFoundError:
+            size = None
+        g, _, size_ok = choose_generation(cache_dir, shard, gens, size)
+        names = ["key", "candidate_idx"] if size_ok else ["key", "candidate_idx", *_READ_COLUMNS]
+        cols = load_columns(cache_dir, shard, g, names, mmap=False)
+        keys = [k.decode() for k in np.asarray(cols["key"])]
+        if size is None:
+            missing.append(shard)
+            ok = np.zeros(len(keys), dtype=bool)
+        elif size_ok:
+            ok = np.ones(len(keys), dtype=bool)
+        else:
+            damaged_shards.append(shard)
+            ok = intact_rows(path, cols)
+        for k, c, good in zip(keys, np.asarray(cols["candidate_idx"]).tolist(), ok.tolist()):
+            if good:
+                intact[k] = intact.get(k, 0) + 1
+                present.add((k, int(c)))
+            else:
+                broken[k] = broken.get(k, 0) + 1
+    partial = {k for k, c in quarantined_samples(cache_dir) if k in intact and (k, c) not in present}
+    damaged = {k for k in intact if k in broken} | partial
+    return UnitStatus(done=set(intact) - damaged, lost=set(broken) - set(intact), damaged=damaged,
+                      missing_shards=missing, damaged_shards=damaged_shards)
+
+
 def done_keys(cache_dir: str | os.PathLike) -> set[str]:
-    """Generation keys of the work units that have samples in the cache (indexed shards; run
-    ``reindex_orphans`` first to include orphans)."""
-    keys: set[str] = set()
-    for shard, gens in list_generations(cache_dir).items():
-        col = load_columns(cache_dir, shard, gens[-1], ["key"])["key"]
-        keys.update(k.decode() for k in np.unique(np.asarray(col)))
-    return keys
+    """Generation keys of the units whose samples are all present and intact (``unit_status(...).done``; indexed
+    shards only: run ``reindex_orphans`` first to include orphans)."""
+    return unit_status(cache_dir).done
 
 
 # ----- rescoring -----------------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 A shard is written as ``shards/<rank>-<uuid>-<n>.tar.tmp`` (never read), then fsynced, renamed and the directory
 fsynced; only then is its index generation 0 published. A crash leaves either nothing visible or an orphan shard
 that the next writer re-indexes. The candidates of a work unit always land in one shard, and a resuming writer
-skips units whose generation key is already in the cache, so rerunning after a crash yields every key once.
+skips units whose samples are all present and intact (``unit_status``), so rerunning after a crash yields every key
+once and rerunning after a shard was lost regenerates its units.
 """
 
 from __future__ import annotations
@@ -17,7 +18,15 @@ from typing import Any
 
 from ..categories import CategoryTable
 from . import tarfmt
-from .index import checksum, columns_from_entries, done_keys, publish_generation, reindex_orphans
+from .index import (
+    UnitStatus,
+    checksum,
+    columns_from_entries,
+    done_keys,
+    publish_generation,
+    reindex_orphans,
+    unit_status,
+)
 from .layout import (
     SHARDS,
     SUMMARY,
@@ -75,7 +84,9 @@ class CacheWriter:
         for sub in (SHARDS, "index", SUMMARY):
             (self.cache_dir / sub).mkdir(exist_ok=True)
         self.reindexed = reindex_orphans(self.cache_dir)
-        self._done = done_keys(self.cache_dir)
+        self.unit_status = unit_status(self.cache_dir)
+        self._done = set(self.unit_status.done)
+        self._log_resume_state(self.unit_status)
         self._n = 0
         self._shard: _OpenShard | None = None
         self._pending: list[tuple[dict[str, Any], bytes]] = []
@@ -89,11 +100,28 @@ class CacheWriter:
     # ----- resume ---------------------------------------------------------------------------------------------------
     @property
     def done_keys(self) -> set[str]:
-        """Keys of the units already in the cache (at start) or written by this writer."""
+        """Keys of the units whose samples are all present and intact (at start), or written by this writer."""
         return self._done
 
+    @property
+    def damaged_keys(self) -> set[str]:
+        """Keys of the units that lost some candidates and keep others (at start): skipped, so their intact
+        candidates are not stored twice, until ``acp-data verify --repair`` removes them whole."""
+        return self.unit_status.damaged
+
     def is_done(self, key: str) -> bool:
-        return key in self._done
+        """True for a unit to skip: done, or damaged (see ``damaged_keys``)."""
+        return key in self._done or key in self.unit_status.damaged
+
+    def _log_resume_state(self, st: UnitStatus) -> None:
+        if st.lost:
+            logger.warning("%s: %d unit(s) have no intact sample left (missing shards: %d, damaged shards: %d); they "
+                           "are not counted as done and a rerun regenerates them", self.cache_dir, len(st.lost),
+                           len(st.missing_shards), len(st.damaged_shards))
+        if st.damaged:
+            logger.warning("%s: %d unit(s) lost some of their candidates and keep the others; they are skipped. "
+                           "`acp-data verify --repair %s` removes them whole, then a rerun regenerates them",
+                           self.cache_dir, len(st.damaged), self.cache_dir)
 
     # ----- writing --------------------------------------------------------------------------------------------------
     def add(self, record: dict[str, Any], image_bytes: bytes) -> None:
@@ -111,7 +139,7 @@ class CacheWriter:
             self.add_unit([r for r, _ in pending], [b for _, b in pending])
 
     def add_unit(self, records: Sequence[dict[str, Any]], images: Sequence[bytes]) -> bool:
-        """Write all candidates of one unit (same ``key``); False when the unit is already in the cache."""
+        """Write all candidates of one unit (same ``key``); False when the unit is skipped (``is_done``)."""
         self._check_open()
         if len(records) != len(images) or not records:
             raise CacheError(f"add_unit needs as many images as records (>= 1), got {len(records)} records and "
@@ -120,7 +148,7 @@ class CacheWriter:
         if any(r.get("key") != key for r in records):
             raise CacheError(f"add_unit: all candidates of a unit must share one key, got "
                              f"{sorted({str(r.get('key')) for r in records})}")
-        if key in self._done:
+        if self.is_done(key):
             self.units_skipped += 1
             return False
         where = f"cache manifest {self.manifest.path}"

@@ -451,7 +451,7 @@ def run_prebuild(config: dict[str, Any] | str | os.PathLike, out_dir: str | os.P
                              shard_max_bytes=int(cfg["shard_max_mb"]) << 20)
     except RuntimeError as e:  # CacheError: another recipe's cache, a damaged manifest
         raise PrebuildError(str(e)) from e
-    done = set(writer.done_keys)
+    done = writer.done_keys | writer.damaged_keys  # damaged units wait for `acp-data verify --repair`
     empty_before = _previous_empty_units(out, json_safe(prep.scoring_settings()))
     todo = [(u, k) for u, k in zip(mine, keys) if k not in done and k not in empty_before]
     stats = _Stats(units_all=len(all_units), units_rank=len(mine), units_skipped=len(mine) - len(todo),
