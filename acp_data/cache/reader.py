@@ -129,7 +129,8 @@ class CacheReader:
         fresh_missing = [m for m in missing if m not in self.missing_shards]
         if fresh_missing:
             logger.warning("%d shard(s) of %s are indexed but missing from shards/ (%s); their samples are skipped. "
-                           "Run `acp-data verify %s`", len(fresh_missing), self.cache_dir,
+                           "`acp-data verify --repair %s` drops them from the index; rerunning the prebuild that "
+                           "made the cache regenerates them", len(fresh_missing), self.cache_dir,
                            ", ".join(fresh_missing[:3]) + (", ..." if len(fresh_missing) > 3 else ""), self.cache_dir)
             self.missing_shards.extend(fresh_missing)
         self._sample_bases = np.array([s.sample_base for s in self.shards] + [n_s], dtype=np.int64)
