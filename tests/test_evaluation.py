@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -280,7 +281,7 @@ def test_acp_data_eval_command(tmp_path):
 
 
 @pytest.mark.parametrize("backend", ["lvis", "hotcoco"])
-def test_training_evaluator_uses_the_configured_backend(tmp_path, backend):
+def test_training_evaluator_uses_the_configured_backend(tmp_path, backend, caplog):
     import torch
     from detectron2.structures import Boxes, Instances
 
@@ -295,23 +296,36 @@ def test_training_evaluator_uses_the_configured_backend(tmp_path, backend):
     cfg = get_acp_cfg()
     cfg.MODEL.MASK_ON = False  # boxes only: segm is not evaluated, metrics.json has "segm": null
     cfg.ACP.EVAL_BACKEND = backend
-    ev = build_lvis_evaluator(cfg, name, str(tmp_path / backend), iteration=3)
-    ev.reset()
     dets = perfect_dets(gt, {1, 3})
-    for img in gt["images"]:
-        mine = [d for d in dets if d["image_id"] == img["id"]]
-        inst = Instances((H, W))
-        inst.pred_boxes = Boxes(torch.tensor([[d["bbox"][0], d["bbox"][1], d["bbox"][0] + SIDE, d["bbox"][1] + SIDE]
-                                              for d in mine], dtype=torch.float32).reshape(-1, 4))
-        inst.scores = torch.tensor([d["score"] for d in mine], dtype=torch.float32)
-        inst.pred_classes = torch.tensor([d["category_id"] - 1 for d in mine], dtype=torch.int64)
-        ev.process([{"image_id": img["id"], "height": H, "width": W}], [{"instances": inst}])
-    out = ev.evaluate()
+
+    def feed(ev) -> dict:
+        ev.reset()
+        for img in gt["images"]:
+            mine = [d for d in dets if d["image_id"] == img["id"]]
+            inst = Instances((H, W))
+            inst.pred_boxes = Boxes(torch.tensor([[d["bbox"][0], d["bbox"][1], d["bbox"][0] + SIDE,
+                                                   d["bbox"][1] + SIDE] for d in mine],
+                                                 dtype=torch.float32).reshape(-1, 4))
+            inst.scores = torch.tensor([d["score"] for d in mine], dtype=torch.float32)
+            inst.pred_classes = torch.tensor([d["category_id"] - 1 for d in mine], dtype=torch.int64)
+            ev.process([{"image_id": img["id"], "height": H, "width": W}], [{"instances": inst}])
+        with caplog.at_level("INFO", logger="acp_data.d2.evaluation"):
+            return ev.evaluate()
+
+    out = feed(build_lvis_evaluator(cfg, name, str(tmp_path / backend), iteration=3))
     assert list(out) == ["bbox"]
+    assert f"LVIS evaluation ({backend}) of bbox" in caplog.text
     doc = json.loads((tmp_path / backend / "metrics.json").read_text())
     assert doc["eval_backend"] == backend and doc["segm"] is None
     assert doc["bbox"]["APr"] == pytest.approx(100.0) and doc["bbox"]["APc"] == 0.0
     assert doc["bbox"] == pytest.approx(evaluate_lvis_results(gt_path, dets, tasks=("bbox",), backend="lvis")["bbox"])
+    # the per-category AP table, if asked
+    from acp_data.d2.evaluation import LVISMetricsEvaluator
+
+    caplog.clear()
+    feed(LVISMetricsEvaluator(name, tasks=("bbox",), backend=backend, per_category=True))
+    assert "Per-category bbox AP" in caplog.text
+    assert re.search(r"\| cat1 +\| r +\| 100 +\| cat2 +\| c +\| 0 +\|", caplog.text)
 
 
 def test_eval_backend_config_key_is_validated():
