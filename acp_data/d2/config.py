@@ -22,6 +22,9 @@ SELECTORS = ("clis", "random", "first", "all")
 BOX_MODES = ("mask", "layout")
 SAMPLING_POLICIES = ("uniform", "class_balanced")
 MASK_FORMATS = ("polygon", "bitmask")
+DROPPED_POLICIES = ("background", "ignore", "erase")
+# ACP.DROPPED_INSTANCES: ignore swaps these stock modules for the registered pair of acp_data/d2/modeling.py
+IGNORE_MODULES = (("PROPOSAL_GENERATOR", "RPN", "IgnoreRPN"), ("ROI_HEADS", "StandardROIHeads", "IgnoreStandardROIHeads"))
 
 
 class ConfigError(ValueError):
@@ -49,6 +52,14 @@ def add_acp_config(cfg: CN) -> CN:
     _C.ACP.MIN_CLIS_I = 60.0
     # Images with CLIS-L below this are dropped at load time (0-100; 50 in the paper's multimodal setting). 0 = off.
     _C.ACP.MIN_CLIS_L = 0.0
+    # What a kept synthetic image's dropped instances (below MIN_CLIS_I, or outside CATEGORIES) become, since they
+    # stay in its pixels: "background" (the paper: unlabelled, so negatives), "ignore" (no RPN or ROI-head loss where
+    # they are; load_cfg switches the model to IgnoreRPN / IgnoreStandardROIHeads), "erase" (inpainted away before
+    # augmentation). docs/mixing.md "Dropped instances (ACP.DROPPED_INSTANCES)".
+    _C.ACP.DROPPED_INSTANCES = "background"
+    # ignore: an anchor or proposal whose intersection with a dropped instance's box covers more than this fraction
+    # of its own area (IoA) is not a negative. (0, 1].
+    _C.ACP.IGNORE_IOA = 0.5
     # Cap on synthetic images used (0 = all), chosen deterministically from SEED.
     _C.ACP.MAX_IMAGES = 0
     # Instance boxes: "mask" (tight box of the final mask) or "layout" (the planner's box).
@@ -133,6 +144,7 @@ def validate_acp_config(cfg: CN) -> None:
     _in_range("ACP.SYNTH_RATIO", a.SYNTH_RATIO, 0.0, 1.0)
     _in_range("ACP.MIN_CLIS_I", a.MIN_CLIS_I, 0.0, 100.0)
     _in_range("ACP.MIN_CLIS_L", a.MIN_CLIS_L, 0.0, 100.0)
+    _check_dropped_instances(cfg)
     if not isinstance(a.MAX_IMAGES, int) or a.MAX_IMAGES < 0:
         _fail("ACP.MAX_IMAGES", a.MAX_IMAGES, "must be an integer >= 0 (0 = all)")
     if not isinstance(a.CATEGORIES, str) or not a.CATEGORIES.strip():
@@ -158,6 +170,42 @@ def validate_acp_config(cfg: CN) -> None:
         if p.SCALE_FROM_PRIORS and not a.PRIORS:
             _fail("ACP.PASTE.SCALE_FROM_PRIORS", True, "needs ACP.PRIORS (a priors file from `acp-data priors "
                   "build`); set ACP.PRIORS or turn SCALE_FROM_PRIORS off to use SCALE_RANGE")
+
+
+def _check_dropped_instances(cfg: CN) -> None:
+    a = cfg.ACP
+    if a.DROPPED_INSTANCES not in DROPPED_POLICIES:
+        _fail("ACP.DROPPED_INSTANCES", a.DROPPED_INSTANCES, f"must be one of {', '.join(DROPPED_POLICIES)}")
+    try:
+        ioa = float(a.IGNORE_IOA)
+    except (TypeError, ValueError):
+        ioa = -1.0
+    if not 0.0 < ioa <= 1.0:
+        _fail("ACP.IGNORE_IOA", a.IGNORE_IOA, "must be in (0, 1] (the fraction of an anchor's or proposal's area "
+              "inside a dropped instance's box above which it is not a negative)")
+    if a.DROPPED_INSTANCES != "ignore":
+        return
+    for node, stock, ours in IGNORE_MODULES:
+        key, name = f"MODEL.{node}.NAME", cfg.MODEL.get(node).NAME
+        if name not in (stock, ours):
+            _fail(key, name, f"ACP.DROPPED_INSTANCES: ignore needs {ours} (it extends detectron2's {stock}); set "
+                  f"{key} to {stock} or {ours}, or choose ACP.DROPPED_INSTANCES background or erase")
+
+
+def use_ignore_modules(cfg: CN) -> list[str]:
+    """With ``ACP.DROPPED_INSTANCES: ignore`` (ACP on): set ``MODEL.PROPOSAL_GENERATOR.NAME`` / ``MODEL.ROI_HEADS.NAME``
+    from detectron2's ``RPN`` / ``StandardROIHeads`` to the registered ``IgnoreRPN`` / ``IgnoreStandardROIHeads``
+    (in place) and register them; returns the keys changed. Call on a validated config."""
+    if not (cfg.ACP.ENABLED and cfg.ACP.DROPPED_INSTANCES == "ignore"):
+        return []
+    from . import modeling  # noqa: F401  (registers the pair)
+
+    changed = []
+    for node, stock, ours in IGNORE_MODULES:
+        if cfg.MODEL.get(node).NAME == stock:
+            cfg.MODEL.get(node).NAME = ours
+            changed.append(f"MODEL.{node}.NAME {stock} -> {ours}")
+    return changed
 
 
 def get_acp_cfg() -> CN:
@@ -195,4 +243,10 @@ def load_cfg(path: str, opts: Sequence[str] = ()) -> CN:
         validate_acp_config(cfg)
     except ConfigError as e:
         raise ConfigError(f"{e} (config {path}{' + command-line overrides' if opts else ''})") from e
+    changed = use_ignore_modules(cfg)
+    if changed:
+        import logging
+
+        logging.getLogger(__name__).info("ACP.DROPPED_INSTANCES ignore: %s (no negatives inside the dropped "
+                                         "instances' boxes)", "; ".join(changed))
     return cfg

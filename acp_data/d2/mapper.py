@@ -9,6 +9,11 @@
 - Paste mode: after the base augmentation, with probability ``ACP.PASTE.PROB``, 1..``MAX_INSTANCES`` cut-outs from the
   crop store are pasted (:mod:`acp_data.d2.paste`); every choice comes from the ``sample_key`` the dataset wrapper
   derives from ``(SEED, position)``. ``gt_sources`` marks each instance: 0 real, 1 pasted, 2 synthetic image.
+- Dropped instances (a synthetic record's ``acp_dropped``: below ``MIN_CLIS_I`` or outside ``CATEGORIES``, still in
+  its pixels) follow ``ACP.DROPPED_INSTANCES``: ``background`` leaves them as they are, ``erase`` inpaints them away
+  before augmentation (:func:`erase_instances`), ``ignore`` returns an :class:`~acp_data.d2.modeling.IgnoreInstances`
+  whose ``ignore_boxes`` are their boxes under the same augmentation (docs/mixing.md "Dropped instances
+  (ACP.DROPPED_INSTANCES)").
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ from detectron2.config import configurable
 from detectron2.data import DatasetMapper
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
+from detectron2.structures import Boxes, BoxMode
 
 from ..rng import TAG_PASTE, derive_key
+from .config import DROPPED_POLICIES, IGNORE_MODULES
 from .paste import (
     SOURCE_REAL,
     SOURCE_SYNTHETIC,
@@ -40,7 +47,10 @@ from .paste import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ACPDatasetMapper", "PasteSource", "is_synthetic", "rle_to_polygons_local", "paste_params_from_cfg"]
+__all__ = ["ACPDatasetMapper", "PasteSource", "is_synthetic", "rle_to_polygons_local", "paste_params_from_cfg",
+           "erase_instances", "ERASE_RADIUS"]
+
+ERASE_RADIUS = 3  # px: the dropped masks are dilated by this much (soft edges, mask error) and inpainted with it
 
 
 def is_synthetic(record: dict[str, Any]) -> bool:
@@ -60,6 +70,47 @@ def rle_to_polygons_local(rle: dict[str, Any]) -> list[np.ndarray]:
     off = np.array([x0, y0], dtype=np.float64)
     return [(np.asarray(p, dtype=np.float64).reshape(-1, 2) + off).reshape(-1)
             for p in mask_to_polygons(m[y0:y1, x0:x1])]
+
+
+def erase_instances(image: np.ndarray, dropped: Sequence[dict[str, Any]], kept: Sequence[dict[str, Any]] = (),
+                    radius: int = ERASE_RADIUS) -> np.ndarray:
+    """``image`` (uint8, H x W x C) with the pixels of the ``dropped`` annotations' RLE masks, dilated by ``radius``
+    px, inpainted (OpenCV Telea) from their surroundings; pixels of the ``kept`` annotations' RLE masks are never
+    changed. Returns ``image`` itself when there is nothing to erase."""
+    import cv2
+
+    from ..masks import rle_to_mask
+
+    h, w = image.shape[:2]
+    region = np.zeros((h, w), np.uint8)
+    for a in dropped:
+        m = rle_to_mask(a["segmentation"])
+        if m.shape != (h, w):
+            raise ValueError(f"dropped instance mask {m.shape} does not match the image {(h, w)}")
+        region[m] = 1
+    if not region.any():
+        return image
+    if radius > 0:
+        region = cv2.dilate(region, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1)))
+    for a in kept:
+        seg = a.get("segmentation")
+        if isinstance(seg, dict):
+            region[rle_to_mask(seg)] = 0
+    if not region.any():
+        return image
+    out = cv2.inpaint(np.ascontiguousarray(image), region, max(int(radius), 1), cv2.INPAINT_TELEA)
+    return out.reshape(image.shape)
+
+
+def _ignore_boxes(dropped: Sequence[dict[str, Any]], transforms: Any, image_shape: tuple[int, int]) -> Boxes:
+    """The dropped annotations' boxes (XYXY) under ``transforms``, clipped to the image; empty ones left out."""
+    if not dropped:
+        return Boxes(torch.zeros((0, 4)))
+    xyxy = np.array([BoxMode.convert(list(a["bbox"]), a["bbox_mode"], BoxMode.XYXY_ABS) for a in dropped],
+                    dtype=np.float64)
+    boxes = Boxes(torch.as_tensor(transforms.apply_box(xyxy), dtype=torch.float32).reshape(-1, 4))
+    boxes.clip(image_shape)
+    return boxes[boxes.nonempty()]
 
 
 def decode_image_bytes(data: bytes, image_format: str) -> np.ndarray:
@@ -140,11 +191,20 @@ class ACPDatasetMapper(DatasetMapper):
 
     @configurable
     def __init__(self, is_train: bool, *, paste_source: PasteSource | None = None,
-                 paste_params: PasteParams | None = None, seed: int = 0, **kwargs: Any):
+                 paste_params: PasteParams | None = None, seed: int = 0, dropped_instances: str = "background",
+                 erase_radius: int = ERASE_RADIUS, **kwargs: Any):
         super().__init__(is_train, **kwargs)
         self.paste_source = paste_source
         self.paste_params = paste_params or PasteParams()
         self.seed = int(seed)
+        if dropped_instances not in DROPPED_POLICIES:
+            raise ValueError(f"dropped_instances (ACP.DROPPED_INSTANCES) must be one of {', '.join(DROPPED_POLICIES)}, "
+                             f"got {dropped_instances!r}")
+        if dropped_instances == "erase" and self.image_format not in ("BGR", "RGB", "L"):
+            raise ValueError(f"ACP.DROPPED_INSTANCES erase needs INPUT.FORMAT BGR, RGB or L (8-bit), got "
+                             f"{self.image_format!r}")
+        self.dropped_instances = dropped_instances
+        self.erase_radius = int(erase_radius)
         if paste_source is not None and self.image_format not in ("BGR", "RGB"):
             raise ValueError(f"paste mode needs INPUT.FORMAT BGR or RGB, got {self.image_format!r}")
         if paste_source is not None and (self.proposal_topk is not None or self.use_keypoint):
@@ -156,7 +216,13 @@ class ACPDatasetMapper(DatasetMapper):
         """detectron2's mapper arguments plus paste mode's: ``paste_params`` default to ``ACP.PASTE.*``."""
         ret = DatasetMapper.from_config(cfg, is_train)
         ret.update(paste_source=paste_source, paste_params=paste_params or paste_params_from_cfg(cfg),
-                   seed=int(cfg.SEED))
+                   seed=int(cfg.SEED), dropped_instances=str(cfg.ACP.DROPPED_INSTANCES))
+        if cfg.ACP.DROPPED_INSTANCES == "ignore" and is_train:
+            stock = [f"MODEL.{n}.NAME = {cfg.MODEL.get(n).NAME}" for n, _, ours in IGNORE_MODULES
+                     if cfg.MODEL.get(n).NAME != ours]
+            if stock:
+                logger.warning("ACP.DROPPED_INSTANCES ignore: the mapper passes ignore boxes, but %s does not read "
+                               "them (load_cfg sets IgnoreRPN / IgnoreStandardROIHeads)", ", ".join(stock))
         return ret
 
     # ----- entry point ------------------------------------------------------------------------------------------------
@@ -197,6 +263,9 @@ class ACPDatasetMapper(DatasetMapper):
         if image is None:
             return None
         utils.check_image_size(d, image)
+        dropped = d.pop("acp_dropped", None) or []
+        if dropped and self.dropped_instances == "erase":
+            image = erase_instances(image, dropped, d.get("annotations", ()), self.erase_radius)
         aug_input = T.AugInput(image)
         transforms = self.augmentations(aug_input)
         image = aug_input.image
@@ -234,6 +303,10 @@ class ACPDatasetMapper(DatasetMapper):
         instances = utils.filter_empty_instances(instances)
         if synthetic and len(instances) == 0:
             return None
+        if synthetic and self.dropped_instances == "ignore":
+            from .modeling import IgnoreInstances
+
+            instances = IgnoreInstances.wrap(instances, _ignore_boxes(dropped, transforms, image_shape))
         d["instances"] = instances
         d["image"] = torch.as_tensor(chw)
         return d
