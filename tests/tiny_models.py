@@ -169,3 +169,38 @@ def make_tiny_qwen2_vl(dirpath: str | os.PathLike, answer: str | None = "a red o
     model.save_pretrained(dirpath)
     proc.save_pretrained(dirpath)
     return str(dirpath)
+
+
+TINY_OPEN_CLIP_ARCH = "acp-tiny-clip"
+
+
+def register_tiny_open_clip_arch() -> str:
+    """Register the tiny architecture with open_clip in this process (no weights: building it by name is a random
+    init, which production refuses unless ``allow_random_init: true``); returns its name."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    import open_clip
+
+    d = Path(tempfile.mkdtemp(prefix="acp-tiny-arch-"))
+    (d / f"{TINY_OPEN_CLIP_ARCH}.json").write_text(json.dumps(TINY_OPEN_CLIP_CFG))
+    open_clip.add_model_config(d)
+    return TINY_OPEN_CLIP_ARCH
+
+
+def drop_weight(model_dir: str | os.PathLike, subfolder: str = "") -> str:
+    """Remove one tensor from a saved checkpoint's safetensors file (a damaged or mismatched download); returns its
+    name."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    files = sorted((Path(model_dir) / subfolder).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no safetensors file in {Path(model_dir) / subfolder}")
+    state = load_file(files[0])
+    name = sorted(k for k in state if k.endswith(".weight"))[0]
+    del state[name]
+    save_file(state, files[0], metadata={"format": "pt"})
+    return name

@@ -142,11 +142,24 @@ class ClipScorer(ImageScorer):
     """
 
     DEFAULTS: dict[str, Any] = {
-        "model": "ViT-B-32", "pretrained": None, "batch_size": 64, "templates": ["a photo of a {}."],
+        "model": None, "pretrained": None, "allow_random_init": False, "batch_size": 64, "templates": ["a photo of a {}."],
         "region_weight": 0.8, "crop_weight": 0.2, "global_weight": 0.5, "instance_weight": 0.5,
         "context": 0.5, "dim_outside": 0.5, "box": "layout", "global_negatives": 32, "device": None,
         "precision": None, "cache_dir": None, "text_cache_size": 20000,
     }
+
+    @staticmethod
+    def check_weights(options: dict[str, Any]) -> None:
+        """``ValueError`` unless the options name weights (``model`` a checkpoint, or an architecture with
+        ``pretrained``) or opt in to ``allow_random_init``; cheap (no import of open_clip), so prebuild checks it
+        before loading anything."""
+        from .openclip_io import check_weights_named
+
+        try:
+            check_weights_named(options.get("model"), options.get("pretrained"),
+                                bool(options.get("allow_random_init")))
+        except ValueError as e:
+            raise ValueError(f"scorer 'clip': {e} (docs/plugins.md \"No random weights\")") from None
 
     def __init__(self, ctx: StageContext, **options: Any) -> None:
         super().__init__(ctx, **options)
@@ -164,9 +177,17 @@ class ClipScorer(ImageScorer):
             ctx.dtype, "fp32")
         if str(self.device).startswith("cpu"):
             precision = "fp32"
-        self.model, self.tokenizer, pp = load_open_clip(self.opts["model"], self.opts["pretrained"],
-                                                        device=self.device, precision=precision,
-                                                        cache_dir=self.opts["cache_dir"])
+        self.check_weights(self.opts)
+        try:
+            self.model, self.tokenizer, pp = load_open_clip(
+                self.opts["model"], self.opts["pretrained"], device=self.device, precision=precision,
+                cache_dir=self.opts["cache_dir"], allow_random_init=bool(self.opts["allow_random_init"]))
+        except FileNotFoundError:
+            raise
+        except (ValueError, RuntimeError, OSError) as e:
+            raise ValueError(f"scorer 'clip': cannot load model {self.opts['model']!r}"
+                             + (f" (pretrained {self.opts['pretrained']!r})" if self.opts["pretrained"] else "")
+                             + f": {e}") from e
         self.input_size: tuple[int, int] = pp["size"]
         self.mean = np.asarray(pp["mean"], dtype=np.float32)
         self.std = np.asarray(pp["std"], dtype=np.float32)
@@ -380,7 +401,8 @@ class ClipScorer(ImageScorer):
         return results
 
     def settings(self) -> dict[str, Any]:
-        return {"name": "clip", **self.opts, "input_size": list(self.input_size), "logit_scale": self.logit_scale}
+        opts = {k: v for k, v in self.opts.items() if k != "allow_random_init" or v}  # same rescore ids as before
+        return {"name": "clip", **opts, "input_size": list(self.input_size), "logit_scale": self.logit_scale}
 
 
 class _Pyramid:

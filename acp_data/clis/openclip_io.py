@@ -103,20 +103,39 @@ def resolve_spec(model: str) -> str:
     return model
 
 
+def check_weights_named(model: str | None, pretrained: str | None, allow_random_init: bool = False) -> str:
+    """The open_clip spec of ``model`` (see :func:`resolve_spec`); ``ValueError`` when no model or no weights are
+    named (an architecture name without ``pretrained`` builds a randomly initialised model), unless
+    ``allow_random_init`` (tests)."""
+    if not model:
+        raise ValueError("no model named: give model local-dir:PATH or a directory, hf-hub:org/repo, or an open_clip "
+                         "architecture with pretrained, e.g. model=ViT-B-32 pretrained=openai")
+    spec = resolve_spec(str(model))
+    if not allow_random_init and not pretrained and not spec.startswith((LOCAL_DIR, HF_HUB)):
+        raise ValueError(f"model {model!r} is an open_clip architecture name and no weights are named, so it would "
+                         "run with random weights: give pretrained (a tag such as 'openai', or a weights file), or "
+                         "a checkpoint (local-dir:PATH, a directory, hf-hub:org/repo)")
+    return spec
+
+
 def load_open_clip(model: str, pretrained: str | None = None, device: str = "cpu", precision: str = "fp32",
-                   cache_dir: str | None = None) -> tuple[Any, Any, dict[str, Any]]:
+                   cache_dir: str | None = None, allow_random_init: bool = False) -> tuple[Any, Any, dict[str, Any]]:
     """(model in eval mode, tokenizer, preprocess config) for any open_clip spec: a built-in architecture with a
-    ``pretrained`` tag or weights file, ``hf-hub:org/repo``, ``local-dir:PATH`` or a directory path."""
+    ``pretrained`` tag or weights file, ``hf-hub:org/repo``, ``local-dir:PATH`` or a directory path.
+
+    Weights that are not named or do not load raise (``ValueError``, ``FileNotFoundError`` or open_clip's
+    ``RuntimeError``) instead of leaving the model randomly initialised; ``allow_random_init`` is for tests."""
     import open_clip
 
-    spec = resolve_spec(model)
+    spec = check_weights_named(model, pretrained, allow_random_init)
     if spec.startswith(LOCAL_DIR):
         d = Path(spec[len(LOCAL_DIR):])
         if not (d / CONFIG_NAME).is_file():
             raise FileNotFoundError(f"open_clip local-dir {str(d)!r} has no {CONFIG_NAME}")
         if not any(d.glob("*.safetensors")) and not any(d.glob("*.bin")) and not any(d.glob("*.pth")):
             raise FileNotFoundError(f"open_clip local-dir {str(d)!r} has no weights ({WEIGHTS_NAME})")
-    kwargs: dict[str, Any] = {"device": device, "precision": precision, "cache_dir": cache_dir}
+    kwargs: dict[str, Any] = {"device": device, "precision": precision, "cache_dir": cache_dir,
+                              "require_pretrained": not allow_random_init}
     if pretrained and not spec.startswith((LOCAL_DIR, HF_HUB)):
         kwargs["pretrained"] = pretrained
     m = open_clip.create_model(spec, **kwargs)
@@ -130,4 +149,4 @@ def load_open_clip(model: str, pretrained: str | None = None, device: str = "cpu
     return m, tok, pp
 
 
-__all__ = ["load_open_clip", "resolve_spec", "save_open_clip_local_dir"]
+__all__ = ["check_weights_named", "load_open_clip", "resolve_spec", "save_open_clip_local_dir"]

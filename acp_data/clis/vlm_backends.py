@@ -230,9 +230,12 @@ class TransformersBackend(ChatBackend):
     ``kind="llm"`` ``AutoTokenizer`` + ``AutoModelForCausalLM`` (text only). Greedy decoding, left-padded batches."""
 
     def __init__(self, model: str, kind: str = "vlm", device: str = "cpu", dtype: str | None = None,
-                 batch_size: int = 4, revision: str | None = None, trust_remote_code: bool = False) -> None:
+                 batch_size: int = 4, revision: str | None = None, trust_remote_code: bool = False,
+                 allow_random_init: bool = False) -> None:
         import torch
         import transformers as tf
+
+        from ..generate.common import load_pretrained
 
         if kind not in ("vlm", "llm"):
             raise ValueError(f"transformers backend kind {kind!r} must be 'vlm' or 'llm'")
@@ -244,11 +247,13 @@ class TransformersBackend(ChatBackend):
         if kind == "vlm":
             self.processor = tf.AutoProcessor.from_pretrained(model, **kw)
             self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
-            self.model = tf.AutoModelForImageTextToText.from_pretrained(model, dtype=torch_dtype, **kw)
+            self.model = load_pretrained(tf.AutoModelForImageTextToText, model, "scorer vlm (transformers backend)",
+                                         allow_random_init, dtype=torch_dtype, **kw)
         else:
             self.tokenizer = tf.AutoTokenizer.from_pretrained(model, **kw)
             self.processor = self.tokenizer
-            self.model = tf.AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype, **kw)
+            self.model = load_pretrained(tf.AutoModelForCausalLM, model, "scorer vlm (transformers backend)",
+                                         allow_random_init, dtype=torch_dtype, **kw)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -309,7 +314,7 @@ BACKEND_KEYS = {
     "openai": {"backend", "base_url", "model", "api_key_env", "timeout", "retries", "backoff", "concurrency",
                "image_format", "temperature", "params", "max_new_tokens", "box_format"},
     "transformers": {"backend", "model", "device", "dtype", "batch_size", "revision", "trust_remote_code",
-                     "max_new_tokens", "box_format"},
+                     "max_new_tokens", "box_format", "allow_random_init"},
 }
 
 

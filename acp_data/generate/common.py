@@ -3,6 +3,8 @@ and dtype resolution, model-path checks, prompt text from a scene graph. No heav
 
 from __future__ import annotations
 
+import importlib
+import logging
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -17,8 +19,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "TooManyBoxes", "BackendOptionError", "resolve_options", "resolve_device", "resolve_dtype", "check_model_ref",
-    "plain_caption", "to_uint8_images", "TOO_MANY_BOXES", "hf_dtype_kwargs",
+    "plain_caption", "to_uint8_images", "TOO_MANY_BOXES", "hf_dtype_kwargs", "RANDOM_INIT", "check_loaded_weights",
+    "load_pretrained", "load_checked_pipeline",
 ]
+
+logger = logging.getLogger(__name__)
+
+RANDOM_INIT = "allow_random_init"  # the option that lets a stage run with random weights (tests only; docs/plugins.md)
 
 TOO_MANY_BOXES = "too_many_boxes"
 
@@ -97,6 +104,13 @@ def hf_dtype_kwargs(dtype: Any) -> dict[str, Any]:
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
 
 
+def diffusers_dtype_kwargs(dtype: Any) -> dict[str, Any]:
+    """The dtype keyword of diffusers' ``from_pretrained``: ``dtype=`` from 0.35, before that ``torch_dtype=``."""
+    from diffusers.pipelines import pipeline_utils
+
+    return {"dtype": dtype} if hasattr(pipeline_utils, "_resolve_dtype") else {"torch_dtype": dtype}
+
+
 def check_model_ref(ref: Any, what: str) -> str:
     """A model reference is a hub id (``org/name``) or a local path; a path-like reference must exist."""
     if not isinstance(ref, str) or not ref.strip():
@@ -130,3 +144,60 @@ def to_uint8_images(images: Any) -> list[np.ndarray]:
             arr = (np.clip(arr, 0.0, 1.0) * 255.0).round().astype(np.uint8)
         return [np.ascontiguousarray(a) for a in arr]
     return [np.asarray(im.convert("RGB"), dtype=np.uint8) for im in images]
+
+
+def check_loaded_weights(info: Mapping[str, Any], what: str, model: str, allow_random_init: bool = False) -> None:
+    """Stop when ``from_pretrained`` left parameters newly (randomly) initialised: keys missing from the checkpoint
+    or with another shape. Production never runs on random weights; ``allow_random_init`` (tests) only warns."""
+    missing = sorted(str(k) for k in info.get("missing_keys") or [])
+    mismatched = sorted(str(k[0] if isinstance(k, (tuple, list)) else k) for k in info.get("mismatched_keys") or [])
+    bad = missing + mismatched
+    if not bad:
+        return
+    listed = ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else "")
+    msg = (f"{what}: {model!r} has no weights for {len(bad)} parameter(s) ({listed}), which would run randomly "
+           "initialised")
+    if not allow_random_init:
+        raise BackendOptionError(f"{msg}; check the model path or revision ({RANDOM_INIT}: true allows it, for tests)")
+    logger.warning("%s (%s: true)", msg, RANDOM_INIT)
+
+
+def load_pretrained(cls: Any, model: str, what: str, allow_random_init: bool = False, **kwargs: Any) -> Any:
+    """``cls.from_pretrained(model, **kwargs)`` (transformers or diffusers model class) checked by
+    :func:`check_loaded_weights`."""
+    loaded, info = cls.from_pretrained(model, output_loading_info=True, **kwargs)
+    check_loaded_weights(info, what, model, allow_random_init)
+    return loaded
+
+
+def load_checked_pipeline(pipeline_cls: Any, model: str, what: str, allow_random_init: bool = False, *,
+                          revision: str | None = None, dtype: Any = None, skip: Iterable[str] = (),
+                          **kwargs: Any) -> Any:
+    """A diffusers pipeline whose model components (UNet, VAE, text encoders: every diffusers/transformers model in
+    ``model_index.json`` except ``skip``) are loaded one by one and checked by :func:`check_loaded_weights`, since
+    ``Pipeline.from_pretrained`` only logs weights it had to initialise; the rest loads as usual."""
+    import diffusers
+    import transformers
+
+    index = diffusers.DiffusionPipeline.load_config(model, revision=revision)
+    skip = set(skip) | {k for k, v in kwargs.items() if v is None}
+    components: dict[str, Any] = {}
+    for name, spec in index.items():
+        if name.startswith("_") or name in skip or not isinstance(spec, (list, tuple)) or len(spec) != 2:
+            continue
+        lib, cls_name = spec
+        if lib not in ("diffusers", "transformers") or not cls_name:
+            continue
+        cls = getattr(importlib.import_module(lib), cls_name, None)
+        if not isinstance(cls, type):
+            continue
+        if issubclass(cls, diffusers.ModelMixin):
+            kw: dict[str, Any] = diffusers_dtype_kwargs(dtype) if dtype is not None else {}
+        elif issubclass(cls, transformers.PreTrainedModel):
+            kw = hf_dtype_kwargs(dtype) if dtype is not None else {}
+        else:
+            continue  # tokenizers, schedulers, feature extractors: nothing to initialise
+        components[name] = load_pretrained(cls, model, f"{what} ({name})", allow_random_init, subfolder=name,
+                                           revision=revision, **kw)
+    dkw = diffusers_dtype_kwargs(dtype) if dtype is not None else {}
+    return pipeline_cls.from_pretrained(model, revision=revision, **dkw, **components, **kwargs)

@@ -17,9 +17,11 @@ import numpy as np
 from ..scene import SceneGraph
 from ..stages import Generator, StageContext
 from .common import (
+    RANDOM_INIT,
     BackendOptionError,
     TooManyBoxes,
     check_model_ref,
+    load_checked_pipeline,
     plain_caption,
     resolve_device,
     resolve_dtype,
@@ -48,6 +50,7 @@ GLIGEN_DEFAULTS: dict[str, Any] = {
     "safety_checker": False,  # True keeps the checkpoint's safety checker (flagged candidates come back black)
     "refiner": None,  # {"model": ..., "revision", "strength": 0.3, "steps": 20, "guidance": 5.0, "dtype", ...}
     "offload": False,  # enable_model_cpu_offload (needs accelerate; saves GPU memory, same images)
+    RANDOM_INIT: False,  # True: weights missing from the checkpoint(s) only warn (tests; docs/plugins.md)
 }
 
 REFINER_DEFAULTS: dict[str, Any] = {
@@ -74,13 +77,6 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "dpm++_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
     "unipc": ("UniPCMultistepScheduler", {}),
 }
-
-
-def _dtype_kwargs(dtype: Any) -> dict[str, Any]:
-    """diffusers >= 0.35 takes ``dtype=``; older releases only ``torch_dtype=``."""
-    from diffusers.pipelines import pipeline_utils
-
-    return {"dtype": dtype} if hasattr(pipeline_utils, "_resolve_dtype") else {"torch_dtype": dtype}
 
 
 def make_scheduler(name: str, base_config: Any) -> Any:
@@ -136,7 +132,8 @@ class GligenGenerator(Generator):
 
     def settings(self) -> dict[str, Any]:
         """Everything that changes the images (device and offloading do not)."""
-        s = {k: v for k, v in self.opts.items() if k not in ("device", "offload")}
+        s = {k: v for k, v in self.opts.items()
+             if k not in ("device", "offload") and not (k == RANDOM_INIT and not v)}  # keys unchanged by default
         if s.get("refiner"):
             s["refiner"] = dict(s["refiner"])
         return {"name": type(self).__name__, **s}
@@ -152,11 +149,12 @@ class GligenGenerator(Generator):
         o = self.opts
         device = resolve_device(o["device"], self.ctx.device)
         dtype = resolve_dtype(o["dtype"], device, self.ctx.dtype)
-        kwargs: dict[str, Any] = {"revision": o["revision"], **_dtype_kwargs(dtype)}
+        kwargs: dict[str, Any] = {}
         if not o["safety_checker"]:
             kwargs.update(safety_checker=None, requires_safety_checker=False)
         logger.info("loading GLIGEN %s (revision %s, %s on %s)", o["model"], o["revision"], dtype, device)
-        pipe = diffusers.StableDiffusionGLIGENPipeline.from_pretrained(o["model"], **kwargs)
+        pipe = load_checked_pipeline(diffusers.StableDiffusionGLIGENPipeline, o["model"], "generator gligen",
+                                     bool(o[RANDOM_INIT]), revision=o["revision"], dtype=dtype, **kwargs)
         if pipe.unet.config.get("attention_type") not in ("gated", "gated-text-image"):
             raise BackendOptionError(f"generator gligen: {o['model']!r} is not a GLIGEN checkpoint (its UNet has "
                                      f"attention_type={pipe.unet.config.get('attention_type')!r}, expected 'gated')")
@@ -171,8 +169,8 @@ class GligenGenerator(Generator):
         if r is not None:
             rdtype = resolve_dtype(r["dtype"], device, self.ctx.dtype)
             logger.info("loading refiner %s (revision %s, %s on %s)", r["model"], r["revision"], rdtype, device)
-            ref = diffusers.AutoPipelineForImage2Image.from_pretrained(r["model"], revision=r["revision"],
-                                                                       **_dtype_kwargs(rdtype))
+            ref = load_checked_pipeline(diffusers.AutoPipelineForImage2Image, r["model"], "generator gligen refiner",
+                                        bool(o[RANDOM_INIT]), revision=r["revision"], dtype=rdtype)
             if getattr(ref, "safety_checker", None) is not None and not o["safety_checker"]:
                 ref.safety_checker = None
             ref.set_progress_bar_config(disable=True)

@@ -8,9 +8,11 @@ import os
 from typing import Any
 
 from ..generate.common import (
+    RANDOM_INIT,
     BackendOptionError,
     check_model_ref,
     hf_dtype_kwargs,
+    load_pretrained,
     resolve_device,
     resolve_dtype,
     resolve_options,
@@ -28,6 +30,7 @@ HF_DEFAULTS: dict[str, Any] = {
     "trust_remote_code": False,
     "chat_template": None,  # a Jinja template (string or .jinja file) for tokenizers that lack one
     "repetition_penalty": 1.0,
+    RANDOM_INIT: False,  # True: weights missing from the checkpoint only warn (tests; docs/plugins.md)
 }
 
 
@@ -55,6 +58,8 @@ class HFPlanner(ChatPlanner):
     def settings(self) -> dict[str, Any]:
         s = super().settings()
         s.pop("device", None)  # where it runs does not change what it writes (seeded sampling aside)
+        if not s.get(RANDOM_INIT):
+            s.pop(RANDOM_INIT, None)  # generation keys as before unless random weights are allowed
         s["chat_template"] = self._template
         return s
 
@@ -75,8 +80,9 @@ class HFPlanner(ChatPlanner):
         if not getattr(tok, "chat_template", None):
             raise BackendOptionError(f"planner hf: the tokenizer of {o['model']!r} has no chat template; give one with "
                                      "the 'chat_template' option (a Jinja string or a .jinja file)")
-        model = AutoModelForCausalLM.from_pretrained(o["model"], revision=o["revision"], **hf_dtype_kwargs(dtype),
-                                                     trust_remote_code=o["trust_remote_code"])
+        model = load_pretrained(AutoModelForCausalLM, o["model"], "planner hf", bool(o[RANDOM_INIT]),
+                                revision=o["revision"], **hf_dtype_kwargs(dtype),
+                                trust_remote_code=o["trust_remote_code"])
         model.to(self._device).eval()
         self._tokenizer, self._model = tok, model
         self._torch = torch

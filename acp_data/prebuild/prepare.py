@@ -248,6 +248,12 @@ def _check_scoring(cfg: dict[str, Any], priors: Any) -> tuple[tuple[str, dict[st
             raise PrebuildError(f"scorer {name!r}: unknown option(s) {', '.join(map(repr, bad))}; known: "
                                 f"{', '.join(sorted(defaults))}")
     _check_model_refs(f"scorer {name!r}", opts)
+    check_weights = getattr(cls, "check_weights", None)  # weights named, no random init (docs/plugins.md)
+    if callable(check_weights):
+        try:
+            check_weights(opts)
+        except (ValueError, FileNotFoundError) as e:
+            raise PrebuildError(str(e)) from None
     return scorer_spec, layout_options
 
 

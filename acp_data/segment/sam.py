@@ -14,7 +14,15 @@ from typing import Any
 
 import numpy as np
 
-from ..generate.common import check_model_ref, hf_dtype_kwargs, resolve_device, resolve_dtype, resolve_options
+from ..generate.common import (
+    RANDOM_INIT,
+    check_model_ref,
+    hf_dtype_kwargs,
+    load_pretrained,
+    resolve_device,
+    resolve_dtype,
+    resolve_options,
+)
 from ..masks import clip_mask_to_box, largest_component
 from ..stages import Segmenter, StageContext
 
@@ -31,6 +39,7 @@ SAM_DEFAULTS: dict[str, Any] = {
     "min_area": 1,  # masks with fewer pixels (after clipping) count as empty
     "box_batch": 64,  # boxes per mask-decoder call (memory bound for images with many boxes)
     "image_batch": 4,  # images per vision-encoder call in segment_batch
+    RANDOM_INIT: False,  # True: weights missing from the checkpoint only warn (tests; docs/plugins.md)
 }
 
 
@@ -54,7 +63,8 @@ class SamSegmenter(Segmenter):
 
     def settings(self) -> dict[str, Any]:
         return {"name": type(self).__name__, **{k: v for k, v in self.opts.items()
-                                                if k not in ("device", "box_batch", "image_batch")}}
+                                                if k not in ("device", "box_batch", "image_batch")
+                                                and not (k == RANDOM_INIT and not v)}}
 
     def load(self) -> None:
         if self._model is not None:
@@ -67,7 +77,8 @@ class SamSegmenter(Segmenter):
         self._dtype = resolve_dtype(o["dtype"], self._device, self.ctx.dtype)
         logger.info("loading SAM %s (revision %s, %s on %s)", o["model"], o["revision"], self._dtype, self._device)
         self._proc = SamProcessor.from_pretrained(o["model"], revision=o["revision"])
-        self._model = SamModel.from_pretrained(o["model"], revision=o["revision"], **hf_dtype_kwargs(self._dtype))
+        self._model = load_pretrained(SamModel, o["model"], "segmenter sam", bool(o[RANDOM_INIT]),
+                                      revision=o["revision"], **hf_dtype_kwargs(self._dtype))
         self._model.to(self._device).eval()
         self._torch = torch
 
