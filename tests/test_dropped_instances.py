@@ -15,7 +15,7 @@ from detectron2.structures import Boxes, BoxMode, Instances, pairwise_ioa
 from acp_data.d2.config import ConfigError, get_acp_cfg, load_cfg, validate_acp_config
 from acp_data.d2.mapper import ERASE_RADIUS, ACPDatasetMapper, erase_instances
 from acp_data.d2.modeling import IgnoreInstances, IgnoreRPN, IgnoreStandardROIHeads
-from acp_data.masks import mask_to_rle
+from acp_data.masks import mask_to_rle, rle_to_mask
 
 H, W = 96, 128
 
@@ -396,3 +396,33 @@ def test_paste_pool_holds_no_dropped_instance(tmp_path_factory):
     assert pool and not pool & dropped
     assert pool == kept & everything
     assert any(synth[i]["acp_dropped"] for i in range(len(synth)))
+
+
+def test_the_loader_mapper_applies_the_policy_to_cache_records(tmp_path_factory):
+    """Through the config: synthetic records of a real cache with instances below MIN_CLIS_I get ignore boxes (one
+    per dropped instance) under ``ignore`` and lose their pixels under ``erase``."""
+    from test_loader_errors import build_mixing_world, world_cfg
+
+    from acp_data.d2.loader import _prepare_synthetic
+
+    world = build_mixing_world(tmp_path_factory.mktemp("policyworld"), n_units=4)
+    outs = {}
+    for policy in ("background", "ignore", "erase"):
+        cfg = world_cfg(world, tmp_path_factory.mktemp(policy), "ratio", MIN_CLIS_I=50.0, SELECT="all",
+                        DROPPED_INSTANCES=policy)
+        cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN = (96,), 128  # the cache's size: no resize
+        cfg.INPUT.RANDOM_FLIP = "none"
+        _, _, synth, _ = _prepare_synthetic(cfg)
+        mapper = ACPDatasetMapper(cfg, True)
+        idx = [i for i in range(len(synth)) if synth[i]["acp_dropped"]]
+        assert idx
+        outs[policy] = [(synth[i], mapper(synth[i])) for i in idx]
+    for (rec, plain), (_, ign), (_, era) in zip(outs["background"], outs["ignore"], outs["erase"]):
+        assert len(ign["instances"].ignore_boxes) == len(rec["acp_dropped"])
+        assert torch.equal(ign["instances"].gt_boxes.tensor, plain["instances"].gt_boxes.tensor)
+        assert (ign["image"] == plain["image"]).all()
+        changed = (era["image"] != plain["image"]).any(0).numpy()
+        dropped = np.any([rle_to_mask(a["segmentation"]) for a in rec["acp_dropped"]], 0)
+        near = cv2.dilate(dropped.astype(np.uint8), cv2.getStructuringElement(
+            cv2.MORPH_ELLIPSE, (2 * ERASE_RADIUS + 1,) * 2)).astype(bool)
+        assert changed.any() and not (changed & ~near).any()
