@@ -27,6 +27,8 @@ TAG_RETRY = 6
 TAG_PASTE = 7
 TAG_AUG = 8
 TAG_SEGMENT = 9
+TAG_BATCH = 10  # exact composition: each rank's phase of the per-batch synthetic counts
+TAG_GROUP = 11  # exact composition with grouping: the aspect group of an all-synthetic batch
 
 
 def mix64(x: int) -> int:

@@ -22,6 +22,7 @@ SELECTORS = ("clis", "random", "first", "all")
 BOX_MODES = ("mask", "layout")
 SAMPLING_POLICIES = ("uniform", "class_balanced")
 MASK_FORMATS = ("polygon", "bitmask")
+BATCH_COMPOSITIONS = ("stream", "exact")  # acp_data.d2.batching.COMPOSITIONS
 DROPPED_POLICIES = ("background", "ignore", "erase")
 # ACP.DROPPED_INSTANCES: ignore swaps these stock modules for the registered pair of acp_data/d2/modeling.py
 IGNORE_MODULES = (("PROPOSAL_GENERATOR", "RPN", "IgnoreRPN"), ("ROI_HEADS", "StandardROIHeads", "IgnoreStandardROIHeads"))
@@ -71,6 +72,10 @@ def add_acp_config(cfg: CN) -> CN:
     _C.ACP.SYNTH_RATIO = 0.5
     # ratio modes: "uniform" over synthetic images or "class_balanced" over the categories they contain.
     _C.ACP.SYNTH_SAMPLING = "uniform"
+    # ratio modes: "stream" (the ratio holds over the image stream) or "exact" (every batch of every rank holds
+    # floor or ceil of SYNTH_RATIO x images per rank's batch synthetic images, exact in the long run). concat refuses
+    # "exact". Either way batches are formed in the sampler: the same for any DATALOADER.NUM_WORKERS.
+    _C.ACP.BATCH_COMPOSITION = "stream"
     _C.ACP.PASTE = CN()
     # Probability that an image gets pasted instances.
     _C.ACP.PASTE.PROB = 0.5
@@ -142,6 +147,12 @@ def validate_acp_config(cfg: CN) -> None:
     if a.SYNTH_SAMPLING not in SAMPLING_POLICIES:
         _fail("ACP.SYNTH_SAMPLING", a.SYNTH_SAMPLING, f"must be one of {', '.join(SAMPLING_POLICIES)}")
     _in_range("ACP.SYNTH_RATIO", a.SYNTH_RATIO, 0.0, 1.0)
+    if a.BATCH_COMPOSITION not in BATCH_COMPOSITIONS:
+        _fail("ACP.BATCH_COMPOSITION", a.BATCH_COMPOSITION, f"must be one of {', '.join(BATCH_COMPOSITIONS)}")
+    if a.BATCH_COMPOSITION == "exact" and a.MIX_MODE == "concat":
+        _fail("ACP.BATCH_COMPOSITION", a.BATCH_COMPOSITION, "is refused with ACP.MIX_MODE = 'concat' (repeat-factor "
+              "sampling over the union of real and synthetic images has no per-batch ratio); use MIX_MODE 'ratio' "
+              "or 'ratio+paste' with SYNTH_RATIO, or BATCH_COMPOSITION 'stream'")
     _in_range("ACP.MIN_CLIS_I", a.MIN_CLIS_I, 0.0, 100.0)
     _in_range("ACP.MIN_CLIS_L", a.MIN_CLIS_L, 0.0, 100.0)
     _check_dropped_instances(cfg)

@@ -35,6 +35,7 @@ from detectron2.config import configurable
 from ..categories import GROUP_NAMES, CategoryError, CategoryTable
 from ..fsio import atomic_write_json
 from ..rng import TAG_AUG, TAG_PASTE, derive_key
+from .batching import aspect_groups, build_batch_sampler, real_aspect_groups
 from .runfile import RUN_FILE
 from .sampler import (
     REAL,
@@ -161,9 +162,18 @@ def _describe_selection(stats: dict[str, int], cfg: Any) -> str:
 
 
 def synth_pool(dataset: Any) -> SynthPool:
-    """The sampler's view of a SyntheticDataset: which (contiguous) categories each kept image contains."""
+    """The sampler's view of a SyntheticDataset: which (contiguous) categories each kept image contains, and each
+    image's aspect group from the cache index's sizes (for aspect-ratio grouping; nothing is decoded)."""
     pos, cats = dataset.result.sample_category_pairs()
-    return SynthPool(ImageCategories.from_rows(pos, np.asarray(cats, np.int64) - 1, len(dataset)))
+    res = dataset.result
+    widths, heights = np.zeros(len(dataset), np.int64), np.zeros(len(dataset), np.int64)
+    for ci, reader in enumerate(dataset.readers):
+        sel = np.flatnonzero(np.asarray(res.cache_index) == ci)
+        if sel.size:
+            rows = np.asarray(res.sample_row)[sel]
+            widths[sel], heights[sel] = reader.column("width")[rows], reader.column("height")[rows]
+    return SynthPool(ImageCategories.from_rows(pos, np.asarray(cats, np.int64) - 1, len(dataset)),
+                     groups=aspect_groups(widths, heights))
 
 
 def _frequency_of(table: CategoryTable) -> dict[int, str]:
@@ -372,6 +382,11 @@ def _train_loader_from_config(cfg: Any, mapper: Any = None) -> dict[str, Any]:
 
     # what the run will see, logged and recorded
     summary = _summarise(cfg, real_dicts, real_cats, synth, freq, sampler, thresh, rsqrt, mix, paste_source)
+    summary["batch_composition"] = a.BATCH_COMPOSITION
+    if a.BATCH_COMPOSITION == "exact" and mix.images:  # planned per batch: exact in the long run
+        summary["effective_synthetic_fraction"] = build_batch_sampler(
+            sampler, composition="exact", batch_size=int(cfg.SOLVER.IMS_PER_BATCH) // world,
+            real_groups=None).synthetic_fraction(100_000)
     _log_summary(summary)
     if rank == 0:
         os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
@@ -380,13 +395,15 @@ def _train_loader_from_config(cfg: Any, mapper: Any = None) -> dict[str, Any]:
     return {"dataset": real_dicts, "synthetic": synthetic_of if mix.images else None, "sampler": sampler,
             "mapper": mapper, "seed": seed, "total_batch_size": int(cfg.SOLVER.IMS_PER_BATCH),
             "aspect_ratio_grouping": cfg.DATALOADER.ASPECT_RATIO_GROUPING,
-            "num_workers": cfg.DATALOADER.NUM_WORKERS, "online": online, "publisher": publisher}
+            "num_workers": cfg.DATALOADER.NUM_WORKERS, "online": online, "publisher": publisher,
+            "batch_composition": a.BATCH_COMPOSITION}
 
 
 @configurable(from_config=_train_loader_from_config)
 def build_acp_train_loader(dataset: Any, *, synthetic: Callable[[int], Any] | None, sampler: MixSampler, mapper: Any,
                            total_batch_size: int, aspect_ratio_grouping: bool = True, num_workers: int = 0,
-                           seed: int | None = None, online: bool = False, publisher: Any = None) -> Any:
+                           seed: int | None = None, online: bool = False, publisher: Any = None,
+                           batch_composition: str = "stream") -> Any:
     """The train loader of an ACP run, as detectron2's ``build_detection_train_loader``: ``build_acp_train_loader(cfg)``
     (``tools/train_net.py``; see the module docstring), or from explicit parts:
 
@@ -395,14 +412,24 @@ def build_acp_train_loader(dataset: Any, *, synthetic: Callable[[int], Any] | No
     :class:`MixSampler` over both; ``mapper`` called as ``mapper(record, sample_key=...)``; ``seed`` keys the
     augmentation and paste choices (default ``sampler.seed``); ``online`` wraps the loader so that ``publisher`` (rank
     0 of a live online run, else ``None``) publishes the next snapshot every refresh interval.
+
+    Batches are formed in the sampler (:func:`acp_data.d2.batching.build_batch_sampler`): ``batch_composition``
+    ``stream`` or ``exact``, grouped by aspect when ``aspect_ratio_grouping``; detectron2 then batches the flat
+    stream as it comes (its own grouping off), so the batches do not depend on ``num_workers``.
     """
     from detectron2.data import DatasetFromList, build_detection_train_loader
 
     real = DatasetFromList(dataset, copy=False) if isinstance(dataset, list) else dataset
-    mixed = MixedDataset(real, synthetic, mapper, sampler, sampler.seed if seed is None else seed)
-    loader = build_detection_train_loader(dataset=mixed, sampler=sampler, mapper=None,
-                                          total_batch_size=total_batch_size,
-                                          aspect_ratio_grouping=aspect_ratio_grouping, num_workers=num_workers)
+    if total_batch_size % sampler.world_size:
+        raise ValueError(f"SOLVER.IMS_PER_BATCH = {total_batch_size} is not divisible by the world size "
+                         f"{sampler.world_size}")
+    batches = build_batch_sampler(sampler, composition=batch_composition,
+                                  batch_size=total_batch_size // sampler.world_size,
+                                  real_groups=real_aspect_groups(real) if aspect_ratio_grouping else None)
+    mixed = MixedDataset(real, synthetic, mapper, batches, sampler.seed if seed is None else seed)
+    loader = build_detection_train_loader(dataset=mixed, sampler=batches, mapper=None,
+                                          total_batch_size=total_batch_size, aspect_ratio_grouping=False,
+                                          num_workers=num_workers)
     if online:
         from .online import OnlineLoader
 

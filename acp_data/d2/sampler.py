@@ -91,6 +91,15 @@ class ImageCategories:
     def of(self, i: int) -> np.ndarray:
         return self.cats[self.offsets[i]:self.offsets[i + 1]]
 
+    def subset(self, rows: np.ndarray) -> ImageCategories:
+        """The category lists of images ``rows`` (in that order)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        starts, ends = self.offsets[rows], self.offsets[rows + 1]
+        counts = ends - starts
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        flat = np.repeat(starts - offsets[:-1], counts) + np.arange(int(offsets[-1]), dtype=np.int64)
+        return ImageCategories(offsets, self.cats[flat])
+
     def concat(self, other: ImageCategories) -> ImageCategories:
         return ImageCategories(np.concatenate([self.offsets, other.offsets[1:] + self.offsets[-1]]),
                                np.concatenate([self.cats, other.cats]))
@@ -204,12 +213,17 @@ class EpochStream:
 
 # ----- synthetic pools and their schedule ---------------------------------------------------------------------------
 class SynthPool:
-    """What the sampler needs of one version of the synthetic dataset: its size and each image's categories."""
+    """What the sampler needs of one version of the synthetic dataset: its size, each image's categories and, for
+    aspect-ratio grouping, each image's aspect group (``acp_data.d2.batching.aspect_groups``; ``None``: unknown)."""
 
-    def __init__(self, categories: ImageCategories, ident: Any = None):
+    def __init__(self, categories: ImageCategories, ident: Any = None, groups: np.ndarray | None = None):
         self.categories = categories
         self.ident = ident  # identifies the content (e.g. the snapshot's shard list); equal idents = same pool
         n = len(categories)
+        self.groups = None if groups is None else np.asarray(groups, dtype=np.int8)
+        if self.groups is not None and self.groups.shape != (n,):
+            raise ValueError(f"{self.groups.shape[0]} aspect groups for a synthetic pool of {n} images")
+        self._group_pools: dict[int, tuple[SynthPool, np.ndarray] | None] = {}
         rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(categories.offsets))
         order = np.argsort(categories.cats, kind="stable")
         self._cat_images = rows[order]
@@ -236,6 +250,17 @@ class SynthPool:
         cnt = self._cat_counts[c]
         j = np.minimum((u_img * cnt).astype(np.int64), cnt - 1)
         return self._cat_images[self._cat_starts[c] + j]
+
+    def group_pool(self, group: int) -> tuple[SynthPool, np.ndarray] | None:
+        """The images of one aspect group as a pool of their own, with the map from its indices to this pool's
+        (``None`` when the group has no image). Needs ``groups``."""
+        if self.groups is None:
+            raise ValueError("aspect-ratio grouping needs the synthetic images' sizes; this SynthPool has no groups")
+        if group not in self._group_pools:
+            rows = np.flatnonzero(self.groups == group).astype(np.int64)
+            self._group_pools[group] = ((SynthPool(self.categories.subset(rows), ident=(self.ident, group)), rows)
+                                        if rows.size else None)
+        return self._group_pools[group]
 
 
 class PoolSchedule:
@@ -293,23 +318,34 @@ class MixSampler(torchdata.Sampler):
         self._real_cdf = np.cumsum(self.real_factors) if self.num_real else np.zeros(0)
 
     # -- the stream --
-    def _chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, int]]:
-        """Yield ``(positions, sources, indices, version)`` for consecutive runs of the global stream."""
+    def _chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, int, SynthPool]]:
+        """Yield ``(positions, sources, indices, version, pool)`` for consecutive runs of the global stream."""
         raise NotImplementedError
 
     def global_stream(self) -> Iterator[SampleRef]:
         """The whole stream (all ranks) in position order."""
-        for pos, src, idx, ver in self._chunks():
+        for pos, src, idx, ver, _ in self._chunks():
             for p, s, i in zip(pos.tolist(), src.tolist(), idx.tolist()):
                 yield SampleRef(p, s, i, ver)
 
+    def rank_chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, int, SynthPool]]:
+        """This rank's share of each chunk, ``(positions, sources, indices, version, pool)``: the arrays of
+        :meth:`__iter__` (for the batch samplers of :mod:`acp_data.d2.batching`)."""
+        r, w = self.rank, self.world_size
+        for pos, src, idx, ver, pool in self._chunks():
+            keep = (pos % w) == r
+            yield pos[keep], src[keep], idx[keep], ver, pool
+
     def __iter__(self) -> Iterator[SampleRef]:
         # Equivalent to islice(global_stream(), rank, None, world_size), but sliced in numpy per chunk.
-        r, w = self.rank, self.world_size
-        for pos, src, idx, ver in self._chunks():
-            keep = (pos % w) == r
-            for p, s, i in zip(pos[keep].tolist(), src[keep].tolist(), idx[keep].tolist()):
+        for pos, src, idx, ver, _ in self.rank_chunks():
+            for p, s, i in zip(pos.tolist(), src.tolist(), idx.tolist()):
                 yield SampleRef(p, s, i, ver)
+
+    def real_stream(self) -> EpochStream | None:
+        """The repeat-factor stream of the real images (``None`` without real images): ``ratio``'s real positions and
+        ``exact`` batches take their real images from it in order."""
+        return EpochStream(self.real_factors, derive_key(self.seed, REAL)) if self.num_real else None
 
     def _segments(self, start: int = 0) -> Iterator[tuple[int, int | None, int, SynthPool]]:
         """Runs ``[a, b)`` of positions (``b`` None = endless) over which one synthetic pool applies."""
@@ -339,7 +375,7 @@ class MixSampler(torchdata.Sampler):
     def synthetic_fraction(self, n: int = 100_000) -> float:
         """The synthetic fraction over the first ``n`` positions of the global stream (what the run will see)."""
         seen = syn = 0
-        for pos, src, _, _ in self._chunks():
+        for pos, src, _, _, _ in self._chunks():
             k = min(pos.size, n - seen)
             syn += int(src[:k].sum())
             seen += k
@@ -366,8 +402,8 @@ class RatioSampler(MixSampler):
             return float(self.ratio >= 1.0)
         return float((uniform(derive_key(self.seed, TAG_SOURCE), np.arange(n)) < self.ratio).mean())
 
-    def _chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, int]]:
-        real = EpochStream(self.real_factors, derive_key(self.seed, REAL)) if self.num_real else None
+    def _chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, int, SynthPool]]:
+        real = self.real_stream()
         k_src = derive_key(self.seed, TAG_SOURCE)
         k_syn = derive_key(self.seed, SYNTH)
         for a, b, version, pool in self._segments():
@@ -387,7 +423,7 @@ class RatioSampler(MixSampler):
                     idx[is_syn] = pool.pick(self.synth_sampling, k_syn, pos[is_syn])
                 if n_syn < pos.size:
                     idx[~is_syn] = real.take(pos.size - n_syn)
-                yield pos, is_syn.astype(np.int64), idx, version
+                yield pos, is_syn.astype(np.int64), idx, version, pool
                 start = stop
 
 
@@ -409,7 +445,7 @@ class ConcatSampler(MixSampler):
         return image_repeat_factors(self.real_categories.concat(pool.categories), self.repeat_thresh,
                                     self.repeat_sqrt)
 
-    def _chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, int]]:
+    def _chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, int, SynthPool]]:
         stream: EpochStream | None = None
         ident: Any = object()
         for a, b, version, pool in self._segments():
@@ -423,7 +459,7 @@ class ConcatSampler(MixSampler):
                 u = stream.take(pos.size)
                 is_syn = u >= self.num_real
                 idx = np.where(is_syn, u - self.num_real, u)
-                yield pos, is_syn.astype(np.int64), idx, version
+                yield pos, is_syn.astype(np.int64), idx, version, pool
                 start = stop
 
 
