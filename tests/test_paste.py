@@ -300,3 +300,158 @@ def test_mapper_is_a_function_of_the_sample_key(world, tmp_path):
     assert (runs[0][0] == runs[1][0]).all() and runs[0][1] == runs[1][1]
     assert not (runs[0][0] == runs[2][0]).all()
     assert mapper(None) is None
+
+
+# ----- region-local paste == a plain full-canvas paste ------------------------------------------------------------------
+def _raster_full(seg, box, h, w) -> np.ndarray:
+    """An original segmentation on the whole canvas: polygons as pycocotools rasterises them, a bitmask as it is, no
+    mask as its box (pixel corners rounded outwards, clipped)."""
+    from pycocotools import mask as mask_utils
+
+    if isinstance(seg, np.ndarray):
+        return seg.astype(bool).copy()
+    if isinstance(seg, list):
+        polys = [np.asarray(p, np.float64).reshape(-1).tolist() for p in seg if len(p) >= 6]
+        if not polys:
+            return np.zeros((h, w), bool)
+        return mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(polys, h, w))).astype(bool)
+    m = np.zeros((h, w), bool)
+    x0, y0 = max(0, int(np.floor(box[0]))), max(0, int(np.floor(box[1])))
+    x1, y1 = min(w, int(np.ceil(box[2]))), min(h, int(np.ceil(box[3])))
+    m[y0:y1, x0:x1] = True
+    return m
+
+
+def _full_canvas_paste(image, annots, placements, *, min_visible_frac, min_visible_pixels):
+    """The plain reference: every paste blended on the whole canvas, every mask updated on the whole canvas (what
+    X-Paste does), with paste_instances' skip and drop rules. Returns the survivors as (key, box, full mask,
+    occluded) and the number of pastes skipped."""
+    h, w = image.shape[:2]
+    insts = []  # [key, box, mask, area0, occluded]
+    skipped = 0
+    for a in annots:
+        m = _raster_full(a.segmentation, a.box, h, w)
+        insts.append([a.extra["key"], a.box.copy(), m, int(m.sum()), False])
+    for pl in placements:
+        full = np.zeros((h, w), bool)
+        ph, pw = pl.mask.shape
+        ys, xs = np.nonzero(pl.mask)
+        ys, xs = ys + pl.y0, xs + pl.x0
+        inside = (ys >= 0) & (ys < h) & (xs >= 0) & (xs < w)
+        full[ys[inside], xs[inside]] = True
+        visible = int(full.sum())
+        if visible == 0 or visible < min_visible_pixels or visible < min_visible_frac * int(pl.mask.sum()):
+            skipped += 1
+            continue
+        canvas_rgb = np.zeros_like(image)
+        py, px = np.nonzero(np.ones((ph, pw), bool))
+        ok = (py + pl.y0 >= 0) & (py + pl.y0 < h) & (px + pl.x0 >= 0) & (px + pl.x0 < w)
+        canvas_rgb[py[ok] + pl.y0, px[ok] + pl.x0] = pl.rgb[py[ok], px[ok]]
+        image[full] = canvas_rgb[full]
+        for inst in insts:
+            if (inst[2] & full).any():
+                inst[2] &= ~full
+                inst[4] = True
+        insts.append([("pasted", pl.category_id), None, full, visible, True])
+    out = []
+    for key, box, m, area0, occluded in insts:
+        if occluded:
+            vis = int(m.sum())
+            if vis == 0 or vis < min_visible_pixels or vis < min_visible_frac * area0:
+                continue
+            ys, xs = np.nonzero(m)
+            box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float64)
+        out.append((key, box, m, occluded))
+    return out, skipped
+
+
+def _blob(rng, h, w) -> np.ndarray:
+    """A random mask: an ellipse, sometimes with a hole or a second part."""
+    yy, xx = np.mgrid[:h, :w]
+    m = ((xx - w / 2 + 0.5) / max(w / 2, 0.5)) ** 2 + ((yy - h / 2 + 0.5) / max(h / 2, 0.5)) ** 2 <= 1.0
+    if rng.random() < 0.3 and h > 6 and w > 6:
+        m[h // 2 - 2:h // 2 + 2, w // 2 - 2:w // 2 + 2] = False
+    if rng.random() < 0.2:
+        m[: max(1, h // 4), : max(1, w // 4)] = True
+    return m
+
+
+def _random_case(seed: int):
+    rng = np.random.default_rng(seed)
+    h, w = int(rng.integers(24, 90)), int(rng.integers(24, 90))
+    image = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+    annots = []
+    for k in range(int(rng.integers(0, 7))):
+        kind = rng.choice(["polygon", "bitmask", "box"])
+        bw, bh = int(rng.integers(3, w)), int(rng.integers(3, h))
+        x0, y0 = float(rng.integers(-bw // 2, w - bw // 2)), float(rng.integers(-bh // 2, h - bh // 2))  # at borders
+        box = np.array([x0, y0, x0 + bw, y0 + bh], np.float64)
+        if kind == "polygon":
+            n = int(rng.integers(3, 9))
+            ang = np.sort(rng.uniform(0, 2 * np.pi, n))
+            rad = rng.uniform(0.4, 1.0, n)
+            cx, cy = x0 + bw / 2, y0 + bh / 2
+            pts = np.stack([cx + rad * np.cos(ang) * bw / 2, cy + rad * np.sin(ang) * bh / 2], 1)
+            seg = [pts.reshape(-1)]
+            box = np.array([pts[:, 0].min(), pts[:, 1].min(), pts[:, 0].max(), pts[:, 1].max()])
+        elif kind == "bitmask":  # a mask that may reach outside its (shrunk) box
+            seg = np.zeros((h, w), bool)
+            blob = _blob(rng, bh, bw)
+            ys, xs = np.nonzero(blob)
+            ys, xs = ys + int(y0), xs + int(x0)
+            ok = (ys >= 0) & (ys < h) & (xs >= 0) & (xs < w)
+            seg[ys[ok], xs[ok]] = True
+            if rng.random() < 0.5:
+                box = box + np.array([bw / 4, bh / 4, -bw / 4, -bh / 4])
+        else:
+            seg = None
+        annots.append(Annot(category_id=k, box=box, segmentation=seg, extra={"key": ("real", k)}))
+    placements = []
+    for j in range(int(rng.integers(1, 9))):
+        ph, pw = int(rng.integers(1, h + 10)), int(rng.integers(1, w + 10))  # some cover most of the image
+        mask = _blob(rng, ph, pw)
+        rgb = rng.integers(0, 255, (ph, pw, 3), dtype=np.uint8)
+        placements.append(Placement(rgb=rgb, mask=mask, x0=int(rng.integers(-pw, w)), y0=int(rng.integers(-ph, h)),
+                                    category_id=100 + j))
+    frac = float(rng.choice([0.0, 0.25, 0.5, 0.8]))
+    pixels = int(rng.choice([0, 5, 32]))
+    return image, annots, placements, frac, pixels
+
+
+def test_region_local_paste_equals_full_canvas_paste():
+    """Over 300 random cases (instances at the border, bitmasks reaching outside their box, heavy occlusion, pastes
+    skipped for visibility): the same pixels, masks, boxes and dropped instances as pasting on the whole canvas."""
+    import copy
+
+    stats = {"skipped": 0, "dropped": 0, "occluded": 0, "bitmask_outside_box": 0}
+    for seed in range(300):
+        image, annots, placements, frac, pixels = _random_case(seed)
+        h, w = image.shape[:2]
+        ref_img = image.copy()
+        ref, skipped = _full_canvas_paste(ref_img, copy.deepcopy(annots), placements, min_visible_frac=frac,
+                                 min_visible_pixels=pixels)
+        got_img = image.copy()
+        got = paste_instances(got_img, copy.deepcopy(annots), placements, min_visible_frac=frac,
+                              min_visible_pixels=pixels)
+        np.testing.assert_array_equal(got_img, ref_img, err_msg=f"case {seed}: pixels")
+        keys = [a.extra["key"] if a.source == SOURCE_REAL else ("pasted", a.category_id) for a in got]
+        assert keys == [r[0] for r in ref], f"case {seed}: surviving instances"
+        for a, (key, box, mask, occluded) in zip(got, ref):
+            assert a.occluded == occluded, (seed, key)
+            np.testing.assert_allclose(a.box, box, err_msg=f"case {seed} {key}: box")
+            if a.occluded:
+                full = np.zeros((h, w), bool)
+                full[a.y0:a.y0 + a.local.shape[0], a.x0:a.x0 + a.local.shape[1]] = a.local
+            else:
+                full = _raster_full(a.segmentation, a.box, h, w)
+            np.testing.assert_array_equal(full, mask, err_msg=f"case {seed} {key}: mask")
+        n_pasted = sum(k[0] == "pasted" for k in keys)
+        stats["dropped"] += len(annots) - (len(keys) - n_pasted)
+        stats["occluded"] += sum(o for _, _, _, o in ref)
+        stats["skipped"] += skipped
+        stats["bitmask_outside_box"] += sum(
+            isinstance(a.segmentation, np.ndarray) and a.segmentation.any()
+            and not _raster_full(None, a.box, h, w)[a.segmentation].all() for a in annots)
+    # the cases do exercise every rule
+    assert all(v > 10 for v in stats.values()), stats
+    assert stats["occluded"] > 300 and stats["dropped"] > 50, stats

@@ -53,6 +53,11 @@ class Annot:
         if isinstance(self.segmentation, list) and self.segmentation:
             pts = np.concatenate([np.asarray(p, dtype=np.float64).reshape(-1, 2) for p in self.segmentation])
             lo, hi = np.minimum(lo, pts.min(0)), np.maximum(hi, pts.max(0))
+        elif isinstance(self.segmentation, np.ndarray):  # a bitmask may reach outside its box: a paste there occludes
+            rows, cols = np.flatnonzero(self.segmentation.any(1)), np.flatnonzero(self.segmentation.any(0))
+            if rows.size:
+                lo = np.minimum(lo, (cols[0], rows[0]))
+                hi = np.maximum(hi, (cols[-1] + 1, rows[-1] + 1))
         x0, y0 = max(0, int(math.floor(lo[0]))), max(0, int(math.floor(lo[1])))
         x1, y1 = min(width, int(math.ceil(hi[0]))), min(height, int(math.ceil(hi[1])))
         return x0, y0, max(x0, x1), max(y0, y1)
