@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -471,11 +470,12 @@ def _print_report(rep: VerifyReport, cache: str, clean_tmp: bool, dry_run: bool,
 
 
 def cli_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="acp-data verify", description="Check every sample against its index and "
-                                "checksum; quarantine broken ones and rewrite their shards. Exit status: 0 all "
-                                "good, 1 something was broken or missing (and fixed unless --dry-run), 2 the "
-                                "cache cannot be read (message on stderr). Run it while no job writes or trains "
-                                "from the cache.")
+    from ..cli import HelpFormatter, fail
+
+    p = argparse.ArgumentParser(prog="acp-data verify", formatter_class=HelpFormatter, description=(
+        "Check every sample against its index and checksum; quarantine broken ones and rewrite their shards.\n"
+        "Exit status: 0 all good; 1 something was broken or missing (and fixed unless --dry-run); 2 the cache\n"
+        "cannot be read (one line on stderr). Run it while no job writes to or trains from the cache."))
     p.add_argument("cache", help="cache directory")
     p.add_argument("--no-decode", action="store_true", help="skip decoding every image (faster; default: decode)")
     p.add_argument("--dry-run", action="store_true", help="report only; change nothing (default: fix)")
@@ -492,8 +492,7 @@ def cli_main(argv: list[str]) -> int:
         rep = verify_cache(a.cache, decode=not a.no_decode, dry_run=a.dry_run, clean_tmp=a.clean_tmp,
                            repair=a.repair)
     except CacheError as e:
-        print(f"acp-data verify: error: {e}", file=sys.stderr)
-        return 2
+        return fail("acp-data verify", e)
     if a.json:
         print(json.dumps(rep.to_dict(), indent=1))
     else:
