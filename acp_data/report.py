@@ -304,15 +304,17 @@ def make_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLik
 
 
 def cli_main(argv: list[str]) -> int:
+    from .cli import UsageError, check_output_path, fail
+
     ap = argparse.ArgumentParser(prog="acp-data report", description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", help="run directories (each with metrics.json and config.yaml)")
     ap.add_argument("--out", required=True, help="output directory for report.md, CSVs and PNG plots")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
+        check_output_path(args.out, "dir", "--out")  # before any run is read (one line, not a traceback)
         make_report(args.runs, args.out)
-    except ReportError as e:
-        print(f"acp-data report: error: {e}")
-        return 2
+    except (ReportError, UsageError) as e:
+        return fail("acp-data report", e)
     print((Path(args.out) / "report.md").read_text())
     return 0

@@ -257,10 +257,12 @@ class CropStore:
 
 
 def cli_main(argv: list[str]) -> int:
+    from ..cli import HelpFormatter, fail
     from .selection import SELECT_MODES, Selection
 
     p = argparse.ArgumentParser(prog="acp-data crops", description="Build the per-instance crop store of a cache "
-                                "(cut-outs for paste mode); replaces the previous build when complete.")
+                                "(cut-outs for paste mode); replaces the previous build when complete.",
+                                formatter_class=HelpFormatter)
     p.add_argument("cache", help="cache directory")
     p.add_argument("--select", default="all", choices=SELECT_MODES, help="candidates to take crops from")
     p.add_argument("--min-clis-i", type=float, default=0.0, help="skip instances below this CLIS-I (0 = keep all)")
@@ -278,7 +280,6 @@ def cli_main(argv: list[str]) -> int:
         sel = Selection(select=a.select, min_clis_i=a.min_clis_i, min_clis_l=a.min_clis_l, category_ids=ids)
         out = build_crops(a.cache, sel, min_area=a.min_area, codec=a.codec)
     except (CacheError, ValueError) as e:
-        print(f"acp-data crops: {e}")
-        return 1
+        return fail("acp-data crops", e)
     print(json.dumps({"crops": str(out), "count": read_json(out / "meta.json")["count"]}))
     return 0

@@ -97,40 +97,69 @@ def export_lvis(cache_dirs: str | os.PathLike | list[str | os.PathLike], out: st
     } for c in table]
     data = {
         "info": {"description": "acp-data synthetic samples", "caches": [str(r.cache_dir) for r in readers],
-                 "selection": result.selection.to_dict(), "broken_skipped": broken},
+                 "selection": result.selection.to_dict(), "broken_skipped": broken,
+                 "samples_in_caches": int(result.stats.get("samples", 0)),
+                 "skipped": skipped_reasons(result.stats, broken)},
         "licenses": [], "images": images, "annotations": annotations, "categories": categories,
     }
     atomic_write_bytes(out, json.dumps(data, allow_nan=False).encode())
     return data
 
 
+def skipped_reasons(stats: dict[str, int], broken: int = 0) -> dict[str, int]:
+    """Samples of the caches an export left out, by reason (from the selection's counts), zero counts omitted."""
+    n, dup = int(stats.get("samples", 0)), int(stats.get("duplicates", 0))
+    after_select = int(stats.get("after_select", n - dup))
+    reasons = {
+        "duplicates (same key and candidate)": dup,
+        "not chosen by --select": n - dup - after_select,
+        "below --min-clis-l": after_select - int(stats.get("after_min_clis_l", after_select)),
+        "target category not in --categories": int(stats.get("dropped_target_samples", 0)),
+        "no instance left (--min-clis-i, --categories)": int(stats.get("empty_skipped", 0)),
+        "over --max-images": int(stats.get("capped", 0)),
+        "broken (see the warnings; run `acp-data verify`)": int(broken),
+    }
+    return {k: v for k, v in reasons.items() if v}
+
+
 def cli_main(argv: list[str]) -> int:
+    from ..cli import HelpFormatter, UsageError, check_output_path, fail
     from .selection import SELECT_MODES, Selection
 
-    p = argparse.ArgumentParser(prog="acp-data export", description="Export a cache as an LVIS v1 json "
-                                "(all candidates and scores kept as acp_* fields).")
+    prog = "acp-data export"
+    p = argparse.ArgumentParser(prog=prog, description="Export a cache as an LVIS v1 json (all candidates and "
+                                "scores kept as acp_* fields). The defaults export every candidate and instance.",
+                                formatter_class=HelpFormatter)
     p.add_argument("cache", nargs="+", help="cache directory (several share one category table)")
     p.add_argument("--out", required=True, help="output json file")
     p.add_argument("--images", default=None, help="also write the image files into this directory")
     p.add_argument("--polygons", action="store_true", help="masks as polygons (holes joined by a slit) instead of RLE")
-    p.add_argument("--select", default="all", choices=SELECT_MODES, help="candidates to export (default all)")
-    p.add_argument("--min-clis-i", type=float, default=0.0)
-    p.add_argument("--min-clis-l", type=float, default=0.0)
+    p.add_argument("--select", default="all", choices=SELECT_MODES, help="candidates to export")
+    p.add_argument("--min-clis-i", type=float, default=0.0, help="drop instances below this CLIS-I")
+    p.add_argument("--min-clis-l", type=float, default=0.0, help="drop images below this CLIS-L")
     p.add_argument("--categories", default="all", help="'all', 'rare', 'rare+common', names, or @FILE")
-    p.add_argument("--max-images", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-images", type=int, default=0, help="keep at most this many images (0 = no cap)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --select random and --max-images")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from .manifest import load_manifest
 
     try:
+        check_output_path(a.out, "file", "--out")
+        if a.images is not None:
+            check_output_path(a.images, "dir", "--images")
         cats = load_manifest(a.cache[0]).categories
         ids = None if a.categories.strip().lower() == "all" else tuple(cats.select(a.categories))
         sel = Selection(select=a.select, min_clis_i=a.min_clis_i, min_clis_l=a.min_clis_l, category_ids=ids,
                         max_images=a.max_images, seed=a.seed)
         data = export_lvis(list(a.cache), a.out, sel, images_dir=a.images, polygons=a.polygons)
-    except (CacheError, ValueError) as e:
-        print(f"acp-data export: {e}")
-        return 1
-    print(f"wrote {a.out}: {len(data['images'])} images, {len(data['annotations'])} annotations")
+    except (CacheError, ValueError, UsageError) as e:
+        return fail(prog, e)
+    info = data["info"]
+    skipped = info["skipped"]
+    line = (f"wrote {a.out}: {len(data['images'])} images, {len(data['annotations'])} annotations from "
+            f"{info['samples_in_caches']} samples; ")
+    line += (f"skipped {sum(skipped.values())}: " + ", ".join(f"{v} {k}" for k, v in skipped.items())
+             if skipped else "skipped none")
+    print(line)
     return 0

@@ -237,6 +237,42 @@ def resolve_config_file(name: str) -> str:
                       f"configs/ has: {available}")
 
 
+def _flat_keys(node: Any, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in node.items():
+        name = f"{prefix}{k}"
+        out += _flat_keys(v, f"{name}.") if isinstance(v, dict) else [name]
+    return out
+
+
+def merge_overrides(cfg: CN, opts: Sequence[str]) -> CN:
+    """Merge command-line ``KEY VALUE`` pairs into ``cfg`` like yacs' ``merge_from_list``, but friendlier: an int is
+    accepted for a float key (``ACP.MIN_CLIS_I 3``), and an unknown key names the closest known ones. Every failure is
+    a ``ConfigError`` naming the key and the value."""
+    import difflib
+
+    opts = [str(o) for o in opts]
+    if len(opts) % 2:
+        raise ConfigError(f"command-line overrides come in KEY VALUE pairs; {opts[-1]!r} has no value")
+    for key, value in zip(opts[0::2], opts[1::2]):
+        node: Any = cfg
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                close = difflib.get_close_matches(key, _flat_keys(cfg), n=3, cutoff=0.75)
+                raise ConfigError(f"command-line override {key} {value}: unknown config key {key!r}"
+                                  + (f"; did you mean {' or '.join(close)}?" if close else ""))
+            node = node[part]
+        new = CN._decode_cfg_value(value)
+        if isinstance(node, float) and isinstance(new, int) and not isinstance(new, bool):
+            value = repr(float(new))
+        try:
+            cfg.merge_from_list([key, value])
+        except Exception as e:  # yacs: type mismatch, a node replaced by a value, ...
+            raise ConfigError(f"command-line override {key} {value}: expected {type(node).__name__} like "
+                              f"{node!r}: {type(e).__name__}: {e}") from e
+    return cfg
+
+
 def load_cfg(path: str, opts: Sequence[str] = ()) -> CN:
     """``add_acp_config(get_cfg())`` + the config file ``path`` (as found by :func:`resolve_config_file`) + trailing
     ``KEY VALUE`` overrides; values validated. Every failure is a ``ConfigError`` naming the file or the override."""
@@ -246,10 +282,7 @@ def load_cfg(path: str, opts: Sequence[str] = ()) -> CN:
         cfg.merge_from_file(path)
     except Exception as e:  # yaml errors, unknown keys, type mismatches: all name the file
         raise ConfigError(f"config file {path}: {type(e).__name__}: {e}") from e
-    try:
-        cfg.merge_from_list(opts)
-    except Exception as e:
-        raise ConfigError(f"command-line override {' '.join(opts)!r}: {type(e).__name__}: {e}") from e
+    merge_overrides(cfg, opts)
     try:
         validate_acp_config(cfg)
     except ConfigError as e:

@@ -312,10 +312,13 @@ def cli_main(argv: list[str]) -> int:
     p.add_argument("--per-category", action="store_true", help="also print the AP of every category")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from ..cli import UsageError, check_output_path
+
     try:
+        check_output_path(args.out, "dir", "--out")  # before the evaluation, not after it
         ev = evaluate_lvis(args.gt, args.dt, tasks=args.tasks, max_dets=args.max_dets, backend=args.backend,
                            allow_empty=False)
-    except EvaluationError as e:
+    except (EvaluationError, UsageError) as e:
         print(f"acp-data eval: error: {e}", file=sys.stderr)
         return 2
     for task, m in ev.results.items():
