@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                     "list a cache's index generations; make an earlier one current again (undo a rescore)"),
     "crops": ("acp_data.cache.crops:cli_main", "build the per-instance crop store of a cache (paste mode)"),
     "verify": ("acp_data.cache.verify:cli_main", "check every sample against index and checksum; quarantine broken"),
+    "select": ("acp_data.cache.select_report:cli_main",
+               "what a training config would take from caches: kept images/instances per group and category"),
     "export": ("acp_data.cache.export:cli_main", "export a cache as an LVIS v1 json (+ images)"),
     "inspect": ("acp_data.cache.inspect:cli_main", "write a static HTML gallery of a cache"),
     "eval": ("acp_data.d2.evaluation:cli_main", "LVIS evaluation of a saved results file (AP, APr, APc, APf)"),

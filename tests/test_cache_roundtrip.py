@@ -175,7 +175,7 @@ def test_rescore_generation(cache, tmp_path):
     for col in SAMPLE_COLUMNS:
         if col not in ("clis_i", "selected"):
             assert np.array_equal(r.column(col), r2.column(col), equal_nan=col.startswith("clis")), col
-    res = select(r2, Selection(select="clis", min_clis_i=0.0))
+    res = select(r2, Selection(select="stored", min_clis_i=0.0))  # the rescored flag
     rows = set(res.sample_row.tolist())
     assert info.sample_base in rows and not any(info.sample_base < x < info.sample_base + info.num_samples
                                                 for x in rows)

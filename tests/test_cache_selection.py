@@ -15,7 +15,7 @@ NAN = float("nan")
 
 def columns(units: list[list[dict]]) -> IndexColumns:
     """Index columns from ``units[u][c] = {"cand", "selected", "clis_l", "cats", "clis"}``."""
-    kh, ci, sel, cl, cnt, cats, clis = [], [], [], [], [], [], []
+    kh, ci, sel, cl, cnt, cats, clis, image = [], [], [], [], [], [], [], []
     for u, cands in enumerate(units):
         for c in cands:
             kh.append(c.get("key", 1000 + u))
@@ -24,9 +24,12 @@ def columns(units: list[list[dict]]) -> IndexColumns:
             cl.append(c.get("clis_l", 50.0))
             cnt.append(len(c["cats"]))
             cats += c["cats"]
-            clis += c.get("clis", [90.0] * len(c["cats"]))
+            inst = c.get("clis", [90.0] * len(c["cats"]))
+            clis += inst
+            image.append(c.get("image", float(np.nanmean(inst)) if not np.isnan(inst).all() else NAN))
     return IndexColumns({"key_hash": np.array(kh, np.uint64), "candidate_idx": np.array(ci, np.int32),
                          "selected": np.array(sel, bool), "clis_l": np.array(cl, np.float64),
+                         "clis_i": np.array(image, np.float64),
                          "inst_count": np.array(cnt, np.int32), "inst_category_id": np.array(cats, np.int32),
                          "inst_clis_i": np.array(clis, np.float64)})
 
@@ -43,7 +46,7 @@ def test_select_modes():
     idx = columns([three(1), three(2), [{"cand": 1, "cats": [3]}, {"cand": 2, "selected": True, "cats": [3]}]])
     base = dict(min_clis_i=0.0)
     assert rows(select(idx, Selection(select="all", **base))) == list(range(8))
-    assert rows(select(idx, Selection(select="clis", **base))) == [1, 5, 7]
+    assert rows(select(idx, Selection(select="stored", **base))) == [1, 5, 7]  # the stored flag
     # first = the lowest stored candidate (unit 2 lost candidate 0)
     assert rows(select(idx, Selection(select="first", **base))) == [0, 3, 6]
     r1 = select(idx, Selection(select="random", seed=5, **base))
@@ -61,7 +64,7 @@ def test_warns_when_only_selected_candidates_are_stored(caplog):
         assert rows(res) == [0, 1] and "keep: all" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="acp_data.cache.selection"):
-        select(only_selected, Selection(select="clis", min_clis_i=0.0))
+        select(only_selected, Selection(select="stored", min_clis_i=0.0))
         select(columns([three(1), three(0)]), Selection(select="random", min_clis_i=0.0))  # every candidate stored
     assert "keep: all" not in caplog.text
 
@@ -106,7 +109,7 @@ def test_thresholds_and_unscored():
     assert rows(r) == [0]  # NaN CLIS-L fails a threshold > 0
     r = select(idx, Selection(select="all", min_clis_i=0.0, min_clis_l=0.0))
     assert rows(r) == [0, 1, 2]
-    r = select(idx, Selection(select="all", min_clis_i=0.0, category_ids=(2,)))
+    r = select(idx, Selection(select="all", min_clis_i=0.0, category_ids=(2,), categories_apply_to="instances"))
     assert rows(r) == [0, 2] and r.inst_category_id.tolist() == [2, 2, 2]
     assert r.stats["dropped_categories"] == 3
     assert r.category_ids(1).tolist() == [2, 2]
@@ -188,7 +191,8 @@ def test_one_million_instances():
         "clis_l": rng.uniform(0, 100, n), "inst_count": np.full(n, per, np.int32),
         "inst_category_id": rng.integers(1, 1204, n * per).astype(np.int32), "inst_clis_i": clis,
     })
-    res = select(idx, Selection(select="clis", min_clis_i=60.0, min_clis_l=20.0, category_ids=tuple(range(1, 338))))
+    res = select(idx, Selection(select="stored", min_clis_i=60.0, min_clis_l=20.0, category_ids=tuple(range(1, 338)),
+                                categories_apply_to="instances"))
     # brute force over the same columns, reshaped (every sample has `per` instances)
     keep_s = selected & (idx.column("clis_l") >= 20.0)
     ok = (clis >= 60.0) & (idx.column("inst_category_id") <= 337)

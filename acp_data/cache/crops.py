@@ -277,7 +277,8 @@ def cli_main(argv: list[str]) -> int:
     try:
         cats = load_manifest(a.cache).categories
         ids = None if a.categories.strip().lower() == "all" else tuple(cats.select(a.categories))
-        sel = Selection(select=a.select, min_clis_i=a.min_clis_i, min_clis_l=a.min_clis_l, category_ids=ids)
+        sel = Selection(select=a.select, min_clis_i=a.min_clis_i, min_clis_l=a.min_clis_l, category_ids=ids,
+                        categories_apply_to="instances")  # a crop per instance of the chosen categories
         out = build_crops(a.cache, sel, min_area=a.min_area, codec=a.codec)
     except (CacheError, ValueError) as e:
         return fail("acp-data crops", e)

@@ -16,8 +16,12 @@ Rules, in order (:func:`select_unit`):
 5. **Empty image**: when no instance of the best candidate is kept, the unit selects nothing (the paper does not fall
    back to the second best).
 
-The load-time selection over a cache index (``acp_data/cache/selection.py``) applies these same rules through the
-stored ``selected`` flag and :func:`passes`; the two must agree: change them together.
+Rules 2 and 3 are :func:`best_of_n`, vectorised over any number of units; :func:`select_unit` (prebuild, rescore)
+calls it for one unit and the load-time selection over a cache index (``acp_data/cache/selection.py``, ``ACP.SELECT:
+clis``) calls it for every unit of the caches with the load-time ``MIN_CLIS_L``, then applies rules 4 and 5 with the
+load-time ``MIN_CLIS_I``: one implementation, so a cache loaded with the prebuild's thresholds keeps exactly the
+candidates its stored ``selected`` flags name (over the instances stored; an object the segmenter found nothing for
+has a score at prebuild time but no instance in the cache).
 """
 
 from __future__ import annotations
@@ -63,6 +67,40 @@ def passes(score: float | None, threshold: float) -> bool:
     return v is not None and v >= threshold
 
 
+def passes_array(scores: np.ndarray, threshold: float | np.ndarray) -> np.ndarray:
+    """:func:`passes` over an array of scores (NaN = unscored) and one threshold or one per score."""
+    scores = np.asarray(scores, dtype=np.float64)
+    thr = np.asarray(threshold, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        return (scores >= thr) | (thr <= 0)
+
+
+def best_of_n(group: np.ndarray, order: np.ndarray, image: np.ndarray, layout: np.ndarray,
+              min_clis_l: float = DEFAULT_MIN_CLIS_L) -> np.ndarray:
+    """Rules 2 and 3 over many units at once: a mask of each unit's best candidate (at most one per ``group`` value).
+
+    Per candidate: ``group`` its unit, ``order`` its tie-break index (candidate position), ``image`` its CLIS-I image
+    score and ``layout`` its CLIS-L (NaN = unscored). Only candidates whose layout passes ``min_clis_l`` and that have
+    an image score compete; the best has the highest image score, then a scored layout, then the higher layout score,
+    then the lower ``order``. The instance rules (4, 5) are the caller's.
+    """
+    group = np.asarray(group)
+    image = np.asarray(image, dtype=np.float64)
+    layout = np.asarray(layout, dtype=np.float64)
+    eligible = passes_array(layout, min_clis_l)
+    idx = np.flatnonzero(eligible & ~np.isnan(image))
+    out = np.zeros(len(image), dtype=bool)
+    if not len(idx):
+        return out
+    lay = layout[idx]
+    ranked = idx[np.lexsort((np.asarray(order)[idx], -np.nan_to_num(lay, nan=0.0), np.isnan(lay), -image[idx],
+                             group[idx]))]
+    first = np.ones(len(ranked), dtype=bool)
+    first[1:] = group[ranked][1:] != group[ranked][:-1]
+    out[ranked[first]] = True
+    return out
+
+
 @dataclass
 class SelectResult:
     """The chosen candidate (None: the unit yields nothing), per-candidate instance flags and counted reasons."""
@@ -102,16 +140,13 @@ def select_unit(image_scores: Sequence[float | None], layout_score: float | None
     if not eligible:
         reasons[LAYOUT_BELOW] += 1
         return SelectResult(None, kept, reasons)
-    scored = [i for i in eligible if images[i] is not None]
-    if not scored:
+    if all(images[i] is None for i in eligible):
         reasons[NO_SCORED_CANDIDATE] += 1
         return SelectResult(None, kept, reasons)
-
-    def rank(i: int) -> tuple[float, int, float, int]:
-        lay = layouts[i]
-        return (-float(images[i]), 0 if lay is not None else 1, -(lay or 0.0), i)  # type: ignore[arg-type]
-
-    best = min(scored, key=rank)
+    nan = float("nan")
+    chosen = best_of_n(np.zeros(n, dtype=np.int64), np.arange(n), np.array([nan if v is None else v for v in images]),
+                       np.array([nan if v is None else v for v in layouts]), min_clis_l)
+    best = int(np.flatnonzero(chosen)[0])
     inst = instance_scores[best]
     n_kept = sum(kept[best])
     reasons[INSTANCES_KEPT] += n_kept
@@ -124,4 +159,4 @@ def select_unit(image_scores: Sequence[float | None], layout_score: float | None
     return SelectResult(best, kept, reasons)
 
 
-__all__ = ["DEFAULT_MIN_CLIS_I", "DEFAULT_MIN_CLIS_L", "SelectResult", "passes", "select_unit"]
+__all__ = ["DEFAULT_MIN_CLIS_I", "DEFAULT_MIN_CLIS_L", "SelectResult", "best_of_n", "passes", "passes_array", "select_unit"]

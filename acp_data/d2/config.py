@@ -18,7 +18,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "configs"  # a bare --config name is looked up here
 
 MIX_MODES = ("ratio", "concat", "paste", "ratio+paste")
-SELECTORS = ("clis", "random", "first", "all")
+SELECTORS = ("clis", "stored", "random", "first", "all")
+MIN_CLIS_I_RULES = ("absolute", "per_category")
+CATEGORIES_APPLY_TO = ("samples", "instances")
 BOX_MODES = ("mask", "layout")
 SAMPLING_POLICIES = ("uniform", "class_balanced")
 MASK_FORMATS = ("polygon", "bitmask")
@@ -40,17 +42,29 @@ def add_acp_config(cfg: CN) -> CN:
     _C.ACP.ENABLED = False
     # Caches written by `acp-data prebuild` (a list of directories).
     _C.ACP.CACHE_DIRS = []
-    # Concepts whose synthetic instances are used: "rare", "rare+common", "all", comma-separated names, or "@FILE".
+    # Concepts whose synthetic data is used: "rare", "rare+common", "all", comma-separated names, or "@FILE".
     _C.ACP.CATEGORIES = "rare"
+    # What ACP.CATEGORIES chooses: "samples" (the images whose work unit was drawn for one of them, its `target`;
+    # every instance of a kept image keeps its label, companions included: the paper's whole-image annotation) or
+    # "instances" (only instances of those categories keep a label; the others stay in the image unlabelled).
+    # Paste modes always build their pool per instance: only the chosen categories' cut-outs are pasted.
+    _C.ACP.CATEGORIES_APPLY_TO = "samples"
     # Priors file from `acp-data priors build` (paste scale; CLIS-L when rescoring). Empty: none.
     _C.ACP.PRIORS = ""
-    # Which candidates of a work unit are used: "clis" (the stored `selected` flag), "random" (one seeded random
-    # candidate per unit), "first", "all".
+    # Which candidates of a work unit are used: "clis" (best of N by CLIS-I, recomputed from the stored scores with
+    # the MIN_CLIS_L / MIN_CLIS_I below), "stored" (the `selected` flag the prebuild or the last rescore stored, with
+    # its own thresholds), "random" (one seeded random candidate per unit), "first", "all".
     _C.ACP.SELECT = "clis"
     # Instances with CLIS-I below this are dropped at load time (0-100; 60 is the paper's threshold for both the
     # `clip` and `vlm` scorers, whose scores are calibrated so 60 means "clearly this category"). 0 = keep all.
     # Unscored instances/images pass only a threshold of 0.
     _C.ACP.MIN_CLIS_I = 60.0
+    # "absolute": MIN_CLIS_I for every category. "per_category": per category min(MIN_CLIS_I, the
+    # MIN_CLIS_I_QUANTILE quantile of that category's scored instances in the cache), for scorers whose scale
+    # differs by category (a CLIP softmax over many names): a category scored low everywhere keeps its best instances
+    # instead of being emptied. Computed from the cache's scores, never from ground truth; needs per-instance scores.
+    _C.ACP.MIN_CLIS_I_RULE = "absolute"
+    _C.ACP.MIN_CLIS_I_QUANTILE = 0.5
     # Images with CLIS-L below this are dropped at load time (0-100; 50 in the paper's multimodal setting). 0 = off.
     _C.ACP.MIN_CLIS_L = 0.0
     # What a kept synthetic image's dropped instances (below MIN_CLIS_I, or outside CATEGORIES) become, since they
@@ -142,6 +156,11 @@ def validate_acp_config(cfg: CN) -> None:
         _fail("ACP.MIX_MODE", a.MIX_MODE, f"must be one of {', '.join(MIX_MODES)}")
     if a.SELECT not in SELECTORS:
         _fail("ACP.SELECT", a.SELECT, f"must be one of {', '.join(SELECTORS)}")
+    if a.MIN_CLIS_I_RULE not in MIN_CLIS_I_RULES:
+        _fail("ACP.MIN_CLIS_I_RULE", a.MIN_CLIS_I_RULE, f"must be one of {', '.join(MIN_CLIS_I_RULES)}")
+    _in_range("ACP.MIN_CLIS_I_QUANTILE", a.MIN_CLIS_I_QUANTILE, 0.0, 1.0)
+    if a.CATEGORIES_APPLY_TO not in CATEGORIES_APPLY_TO:
+        _fail("ACP.CATEGORIES_APPLY_TO", a.CATEGORIES_APPLY_TO, f"must be one of {', '.join(CATEGORIES_APPLY_TO)}")
     if a.BOX not in BOX_MODES:
         _fail("ACP.BOX", a.BOX, f"must be one of {', '.join(BOX_MODES)}")
     if a.SYNTH_SAMPLING not in SAMPLING_POLICIES:

@@ -151,8 +151,9 @@ def _describe_selection(stats: dict[str, int], cfg: Any) -> str:
     steps = [("duplicates", "duplicates", None),
              ("after_select", f"ACP.SELECT = {a.SELECT!r}", "kept"),
              ("after_min_clis_l", f"ACP.MIN_CLIS_L = {a.MIN_CLIS_L}", "kept"),
+             ("dropped_target_samples", f"ACP.CATEGORIES = {a.CATEGORIES!r} (samples by target)", "removed"),
              ("dropped_min_clis_i", f"ACP.MIN_CLIS_I = {a.MIN_CLIS_I}", "instances dropped"),
-             ("dropped_categories", f"ACP.CATEGORIES = {a.CATEGORIES!r}", "instances dropped"),
+             ("dropped_categories", f"ACP.CATEGORIES = {a.CATEGORIES!r} (instances)", "instances dropped"),
              ("empty_skipped", "images left without instances", "removed"),
              ("capped", f"ACP.MAX_IMAGES = {a.MAX_IMAGES}", "removed")]
     for key, what, verb in steps:
@@ -202,6 +203,8 @@ def _repeat_settings(cfg: Any) -> tuple[float, bool]:
 
 def build_paste_source(cfg: Any, selection: Any, table: CategoryTable) -> Any:
     """Crops of the instances the load-time selection keeps, over all caches, with the priors' size statistics."""
+    from dataclasses import replace
+
     from ..cache.crops import CropStore
     from ..cache.layout import CacheError
     from ..cache.reader import CacheReader
@@ -222,7 +225,7 @@ def build_paste_source(cfg: Any, selection: Any, table: CategoryTable) -> Any:
         if {s.name: s.generation for s in reader.shards} != store.meta.get("built_from"):
             logger.warning("the crop store of %s was built from other shards or index generations than the cache "
                            "now has; rebuild it with `acp-data crops %s` to paste from every sample", d, d)
-        res = select(reader, selection)
+        res = select(reader, replace(selection, categories_apply_to="instances"))  # the pool: chosen categories' crops
         kh = reader.column("key_hash")[res.sample_row]
         ci = reader.column("candidate_idx")[res.sample_row]
         counts = np.diff(res.inst_offsets)
@@ -295,7 +298,7 @@ def _prepare_synthetic(cfg: Any) -> tuple[CategoryTable, Any, Any, Any]:
     paste source (or None)."""
     from detectron2.data import DatasetCatalog
 
-    from ..cache.selection import selection_from_cfg
+    from ..cache.selection import SelectionError, selection_from_cfg
     from .config import ConfigError, validate_acp_config
     from .datasets import register_acp_synthetic
 
@@ -316,7 +319,10 @@ def _prepare_synthetic(cfg: Any) -> tuple[CategoryTable, Any, Any, Any]:
         raise ACPLoaderError(f"config key ACP.CATEGORIES = {a.CATEGORIES!r}: {e}") from e
     name = register_acp_synthetic(cfg.DATASETS.TRAIN[0], list(a.CACHE_DIRS), cfg.DATASETS.TRAIN[0], selection,
                                   box_mode=a.BOX)
-    synth = DatasetCatalog.get(name)
+    try:
+        synth = DatasetCatalog.get(name)
+    except SelectionError as e:  # settings the caches cannot serve (names the key)
+        raise ACPLoaderError(str(e)) from e
     if mix.images and len(synth) == 0:
         raise ACPLoaderError(f"ACP.MIX_MODE = {mix.name!r}" + (f" with ACP.SYNTH_RATIO = {a.SYNTH_RATIO}"
                              if not mix.concat else "") + " but no synthetic sample is usable after the load-time "
