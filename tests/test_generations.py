@@ -113,3 +113,22 @@ def test_rescore_defaults_follow_the_cache_and_report_selected(tmp_path, capsys)
     stats = json.loads(capsys.readouterr().out)
     assert (stats["selected_before"], stats["selected_after"]) == (3, 0)
     assert recorded_selection_defaults(cache).min_clis_i == 60.0  # the rescore's thresholds are now the cache's
+
+
+def test_a_generation_for_another_shard_size_is_refused(tmp_path):
+    import pytest
+
+    from acp_data.cache.generations import list_cache_generations, use_generation
+    from acp_data.cache.index import load_columns, publish_generation
+    from acp_data.cache.layout import CacheError
+
+    cache = tmp_path / "cache"
+    write_cache(cache, make_categories(), n_units=2, n_cand=2, fsync=False)
+    (shard,) = list_generations(cache)
+    cols = load_columns(cache, shard, 0, mmap=False)
+    publish_generation(cache, shard, cols, reason="verify", shard_size=1)  # as if written for another shard file
+    infos = list_cache_generations(cache)
+    assert [(i.generation, i.usable, i.in_use) for i in infos] == [(0, 1, 1), (1, 0, 0)]
+    with pytest.raises(CacheError, match="rewritten \\(by verify\\) after generation 1"):
+        use_generation(cache, 1)
+    assert list_generations(cache) == {shard: [0, 1]}
