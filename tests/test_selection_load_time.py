@@ -303,3 +303,37 @@ def test_select_command_prints_what_training_gets(companions, scored, capsys):
     assert "ACP.MIN_CLIS_I_RULE = 'relative'" in capsys.readouterr().err
     assert main(["select", str(scored), "ACP.CATEGORIES", "nope"]) == 2
     assert "ACP.CATEGORIES" in capsys.readouterr().err
+
+
+def test_training_start_records_the_report_and_refuses_what_a_cache_cannot_serve(tmp_path):
+    """acp_run.json holds the same report as `acp-data select`; a per-category rule on a cache without instance
+    scores is one ACPLoaderError naming the key, before any model is built."""
+    import json
+    import shutil
+
+    from test_loader_errors import build_mixing_world, world_cfg
+
+    from acp_data.cache.index import shard_scores, update_scores
+    from acp_data.cache.select_report import selection_report
+    from acp_data.d2.loader import ACPLoaderError, _train_loader_from_config, check_acp_train_data
+
+    world = build_mixing_world(tmp_path / "w", n_units=6)
+    cfg = world_cfg(world, tmp_path / "out", "concat", MIN_CLIS_I=40.0, MIN_CLIS_I_RULE="per_category")
+    parts = _train_loader_from_config(cfg)
+    run = json.loads((tmp_path / "out" / "acp_run.json").read_text())
+    rep = run["selection_report"]
+    synth = parts["synthetic"](0)
+    assert rep["kept_images"] == run["synthetic_images"] == len(synth) > 0 and "per_category_thresholds" in rep
+    assert json.loads(json.dumps(selection_report(synth.result, synth.categories,
+                                                  rep["dropped_instances_policy"]))) == rep
+    unscored = tmp_path / "unscored"
+    shutil.copytree(world["cache"], unscored)
+    from acp_data.cache.reader import CacheReader
+
+    for info in CacheReader(unscored).shards:
+        sc = shard_scores(unscored, info.name)
+        sc.inst_clis_i[:] = NAN
+        update_scores(unscored, sc)
+    cfg.ACP.CACHE_DIRS = [str(unscored)]
+    with pytest.raises(ACPLoaderError, match=r"ACP.MIN_CLIS_I_RULE = 'per_category' needs per-instance CLIS-I"):
+        check_acp_train_data(cfg)

@@ -446,6 +446,8 @@ def build_acp_train_loader(dataset: Any, *, synthetic: Callable[[int], Any] | No
 def _summarise(cfg: Any, real_dicts: list, real_cats: ImageCategories, synth: Any, freq: dict[int, str],
                sampler: MixSampler, thresh: float, rsqrt: bool, mix: MixMode, paste_source: Any) -> dict:
     """The content of ``acp_run.json``: what the run will see."""
+    from ..cache.select_report import selection_report
+
     a = cfg.ACP
     uses_images = mix.images
     real_inst: dict[int, int] = {}
@@ -459,6 +461,8 @@ def _summarise(cfg: Any, real_dicts: list, real_cats: ImageCategories, synth: An
         "sampler": cfg.DATALOADER.SAMPLER_TRAIN, "repeat_threshold": thresh, "repeat_sqrt": rsqrt,
         "caches": [os.path.abspath(d) for d in a.CACHE_DIRS], "box": a.BOX,
         "selection": synth.selection.to_dict(), "selection_stats": dict(synth.result.stats),
+        "selection_report": selection_report(synth.result, synth.categories, str(a.get("DROPPED_INSTANCES",
+                                                                                      "background"))),
         "real_images": len(real_dicts), "synthetic_images": len(synth) if uses_images else 0,
         "real_instances_per_group": _instances_per_group(real_inst, freq),
         "synthetic_instances_per_group": _instances_per_group(syn_inst, freq),
