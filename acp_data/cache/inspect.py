@@ -413,7 +413,7 @@ def cli_main(argv: list[str]) -> int:
     prog = "acp-data inspect"
     d = Selection()
     p = argparse.ArgumentParser(prog=prog, formatter_class=HelpFormatter, description=(
-        "Write a static HTML gallery of a cache: counts per category and frequency group, thumbnails with mask "
+        "Write a static HTML gallery of a cache: counts per category and frequency group, thumbnails with mask\n"
         "outlines, boxes and scores (object pixels as generated), kept vs dropped under a selection."))
     p.add_argument("cache", help="cache directory")
     p.add_argument("--html", required=True, help="output directory (index.html is written there; created if needed)")
