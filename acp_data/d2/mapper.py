@@ -217,12 +217,19 @@ class ACPDatasetMapper(DatasetMapper):
         ret = DatasetMapper.from_config(cfg, is_train)
         ret.update(paste_source=paste_source, paste_params=paste_params or paste_params_from_cfg(cfg),
                    seed=int(cfg.SEED), dropped_instances=str(cfg.ACP.DROPPED_INSTANCES))
-        if cfg.ACP.DROPPED_INSTANCES == "ignore" and is_train:
+        policy = cfg.ACP.DROPPED_INSTANCES
+        if policy == "ignore" and is_train:
             stock = [f"MODEL.{n}.NAME = {cfg.MODEL.get(n).NAME}" for n, _, ours in IGNORE_MODULES
                      if cfg.MODEL.get(n).NAME != ours]
             if stock:
                 logger.warning("ACP.DROPPED_INSTANCES ignore: the mapper passes ignore boxes, but %s does not read "
                                "them (load_cfg sets IgnoreRPN / IgnoreStandardROIHeads)", ", ".join(stock))
+            else:
+                logger.info("ACP.DROPPED_INSTANCES ignore: no RPN / ROI-head negatives where a dropped instance's box "
+                            "covers more than %.2f of an anchor or proposal", float(cfg.ACP.IGNORE_IOA))
+        elif policy == "erase" and is_train:
+            logger.info("ACP.DROPPED_INSTANCES erase: dropped instances are inpainted away (masks dilated by %d px)",
+                        ERASE_RADIUS)
         return ret
 
     # ----- entry point ------------------------------------------------------------------------------------------------
