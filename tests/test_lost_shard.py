@@ -104,6 +104,8 @@ def test_resume_without_verify_regenerates_lost_units_and_holds_damaged_ones(tmp
     assert w.damaged_keys == st.damaged and len(st.damaged) == 1 and len(st.lost) == 2
     assert w.units_written == 2  # the lost ones; the damaged one waits for verify --repair
     assert any("verify --repair" in r.getMessage() for r in caplog.records)
+    st2 = unit_status(cache)  # regenerated units are done although the missing shard's index still lists them
+    assert st2.missing_shards == [gone] and st.lost <= st2.done and st2.damaged == st.damaged and not st2.lost
     rep = verify_cache(cache, repair=True)
     assert rep.dropped_index == [gone] and rep.removed_units == sorted(st.damaged)
     assert len(rep.removed_with_unit) == 1 and all(p.kind == "unit" for p in rep.removed_with_unit)

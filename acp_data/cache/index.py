@@ -442,12 +442,13 @@ def quarantined_samples(cache_dir: str | os.PathLike) -> set[tuple[str, int]]:
 
 
 def unit_status(cache_dir: str | os.PathLike) -> UnitStatus:
-    """Which units of the cache are done, lost or damaged (see ``UnitStatus``); orphans are not looked at (run
-    ``reindex_orphans`` first). Reads the key column of every shard, and the bytes of shards whose size differs from
-    the one their index was written for."""
-    intact: dict[str, int] = {}
-    broken: dict[str, int] = {}
-    present: set[tuple[str, int]] = set()
+    """Which units of the cache are done, lost or damaged (see ``UnitStatus``), by candidate: a unit is done when
+    every candidate indexed for it has an intact copy somewhere (so a unit regenerated into a new shard is done even
+    while a missing shard's stale index still lists it). Orphans are not looked at (run ``reindex_orphans`` first).
+    Reads the key and candidate columns of every shard, and the bytes of shards whose size differs from the one their
+    index was written for."""
+    indexed: dict[str, set[int]] = {}  # key -> candidates indexed anywhere
+    intact: dict[str, set[int]] = {}  # key -> candidates with at least one intact copy
     missing, damaged_shards = [], []
     for shard, gens in sorted(list_generations(cache_dir).items()):
         path = shard_path(cache_dir, shard)
@@ -458,25 +459,27 @@ def unit_status(cache_dir: str | os.PathLike) -> UnitStatus:
         g, _, size_ok = choose_generation(cache_dir, shard, gens, size)
         names = ["key", "candidate_idx"] if size_ok else ["key", "candidate_idx", *_READ_COLUMNS]
         cols = load_columns(cache_dir, shard, g, names, mmap=False)
-        keys = [k.decode() for k in np.asarray(cols["key"])]
         if size is None:
             missing.append(shard)
-            ok = np.zeros(len(keys), dtype=bool)
+            ok = np.zeros(len(cols["key"]), dtype=bool)
         elif size_ok:
-            ok = np.ones(len(keys), dtype=bool)
+            ok = np.ones(len(cols["key"]), dtype=bool)
         else:
             damaged_shards.append(shard)
             ok = intact_rows(path, cols)
-        for k, c, good in zip(keys, np.asarray(cols["candidate_idx"]).tolist(), ok.tolist()):
+        for k, c, good in zip(np.asarray(cols["key"]).tolist(), np.asarray(cols["candidate_idx"]).tolist(),
+                              ok.tolist()):
+            k = k.decode()
+            indexed.setdefault(k, set()).add(int(c))
             if good:
-                intact[k] = intact.get(k, 0) + 1
-                present.add((k, int(c)))
-            else:
-                broken[k] = broken.get(k, 0) + 1
-    partial = {k for k, c in quarantined_samples(cache_dir) if k in intact and (k, c) not in present}
-    damaged = {k for k in intact if k in broken} | partial
-    return UnitStatus(done=set(intact) - damaged, lost=set(broken) - set(intact), damaged=damaged,
-                      missing_shards=missing, damaged_shards=damaged_shards)
+                intact.setdefault(k, set()).add(int(c))
+    for k, c in quarantined_samples(cache_dir):  # candidates an earlier verify removed, not regenerated since
+        if k in indexed and c not in intact.get(k, ()):
+            indexed[k].add(c)
+    done = {k for k, cands in indexed.items() if cands <= intact.get(k, set())}
+    lost = {k for k in indexed if k not in intact}
+    return UnitStatus(done=done, lost=lost, damaged=set(indexed) - done - lost, missing_shards=missing,
+                      damaged_shards=damaged_shards)
 
 
 def done_keys(cache_dir: str | os.PathLike) -> set[str]:

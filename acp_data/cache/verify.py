@@ -451,7 +451,8 @@ def _print_report(rep: VerifyReport, cache: str, clean_tmp: bool, dry_run: bool,
     for s in rep.removed:
         print(f"  REMOVED {s}: no good sample left; moved to {QUARANTINE}/")
     for k in rep.removed_units:
-        print(f"  REMOVED unit {k} whole (it had lost candidates); rerun the same prebuild to regenerate it")
+        print(f"  {'WOULD REMOVE' if dry_run else 'REMOVED'} unit {k} whole (it had lost candidates); rerun the same "
+              "prebuild to regenerate it")
     for s in rep.orphans_indexed:
         print(f"  INDEXED orphan shard {s}")
     if rep.stale_tmp:
