@@ -3,13 +3,16 @@ generation settings, the scoring settings (informational) and the tool version.
 
 Every later writer (another rank, a resumed run) reads it and is refused when its generation settings or category
 table differ, with the differences listed key by key: mixing two generation recipes in one cache would make the
-generation keys, and so resume, meaningless.
+generation keys, and so resume, meaningless. A cache that holds a manifest and no sample (a prebuild that failed
+before storing anything, e.g. while loading its models) is taken over instead: its manifest is replaced, with a
+warning listing what changed (docs/prebuild.md "Generation key, manifest, resume").
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -17,7 +20,20 @@ from pathlib import Path
 from typing import Any
 
 from ..categories import CategoryError, CategoryTable
-from .layout import FORMAT_VERSION, MANIFEST, CacheError, CacheFormatError, fsync_dir, read_json, tmp_name
+from .layout import (
+    FORMAT_VERSION,
+    INDEX,
+    MANIFEST,
+    SHARDS,
+    CacheError,
+    CacheFormatError,
+    atomic_write_bytes,
+    fsync_dir,
+    read_json,
+    tmp_name,
+)
+
+logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "acp-data cache"
 
@@ -130,14 +146,51 @@ def _create_exclusive(path: Path, data: bytes) -> bool:
     return created
 
 
+def sample_files(cache_dir: str | os.PathLike) -> list[str]:
+    """What in ``cache_dir`` holds or may become samples: shards (closed or being written: ``.tar.tmp``) and index
+    generations. Empty: the cache has a manifest at most, and another recipe may take it over."""
+    out = []
+    for sub in (SHARDS, INDEX):
+        d = Path(cache_dir) / sub
+        if d.is_dir():
+            out += sorted(f"{sub}/{p.name}" for p in d.iterdir())
+    return out
+
+
+def manifest_problems(existing: Manifest, categories: CategoryTable, generation: dict[str, Any]) -> list[str]:
+    """Why a writer with ``categories`` and ``generation`` settings may not add to the cache of ``existing``: one
+    line naming both category tables when they differ, else ``key: cache has X, given Y`` per differing setting."""
+    try:
+        existing.categories.check_same(categories, f"cache manifest {existing.path}", "the writer's CategoryTable"
+                                       + (f" ({categories.source})" if categories.source else ""))
+    except CategoryError as e:
+        return [str(e)]
+    diff = settings_diff(existing.generation, generation)
+    if diff:
+        return [f"its generation settings ({existing.path}) differ from this run's, so their generation keys would "
+                "not match:", *(f"  {d}" for d in diff)]
+    return []
+
+
+def refusal_message(cache_dir: Path, problems: list[str], held: list[str]) -> str:
+    msg = f"refusing to write into {cache_dir}: " + "\n".join(problems)
+    if all(h.endswith(".tmp") for h in held):
+        msg += (f"\nIt holds no closed shard, only {', '.join(held[:3])}{', ...' if len(held) > 3 else ''}: a writer "
+                "may still be running. If none is, delete them to let this run take the cache over.")
+    return msg + "\nUse another --out directory for another generation recipe."
+
+
 def ensure_manifest(cache_dir: str | os.PathLike, categories: CategoryTable, generation_settings: dict[str, Any],
                     scoring_settings: dict[str, Any] | None = None) -> Manifest:
     """Create the cache's manifest, or check an existing one against these settings.
 
     Raises ``CacheError`` listing every differing generation-settings key, or naming both category tables, when the
-    cache was built differently. Scoring settings are informational (rescoring never regenerates) and not compared.
+    cache was built differently and holds samples. A cache with a manifest (even a damaged one) and nothing in
+    ``shards/`` or ``index/`` is taken over: the manifest is replaced and a warning lists what changed. Scoring
+    settings are informational (rescoring never regenerates) and not compared.
     """
     from .. import __version__
+    from ..fsio import build_lock
 
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -149,20 +202,24 @@ def ensure_manifest(cache_dir: str | os.PathLike, categories: CategoryTable, gen
     data = (json.dumps(manifest.to_dict(), indent=1, sort_keys=True, allow_nan=False) + "\n").encode()
     if _create_exclusive(path, data):
         return manifest
-    existing = load_manifest(cache_dir)
-    try:
-        existing.categories.check_same(categories, f"cache manifest {path}", "the writer's CategoryTable"
-                                       + (f" ({categories.source})" if categories.source else ""))
-    except CategoryError as e:
-        raise CacheError(f"refusing to write into {cache_dir}: {e}") from e
-    diff = settings_diff(existing.generation, generation)
-    if diff:
-        raise CacheError(
-            f"refusing to write into {cache_dir}: its generation settings ({path}) differ from this run's, so their "
-            "generation keys would not match:\n  " + "\n  ".join(diff)
-            + "\nUse another --out directory for another generation recipe."
-        )
-    return existing
+    with build_lock(path):  # two writers taking over at once: the second finds the first's manifest
+        held = sample_files(cache_dir)
+        try:
+            existing = load_manifest(cache_dir)
+        except CacheFormatError as e:
+            if held:
+                raise
+            problems = [str(e)]
+        else:
+            problems = manifest_problems(existing, categories, generation)
+            if not problems:
+                return existing
+            if held:
+                raise CacheError(refusal_message(cache_dir, problems, held))
+        atomic_write_bytes(path, data)
+    logger.warning("taking over %s: it holds a manifest but no sample (an earlier prebuild stored nothing), so the "
+                   "manifest is replaced by this run's; %s", cache_dir, "\n".join(problems))
+    return manifest
 
 
 @dataclass(frozen=True)

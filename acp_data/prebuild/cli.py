@@ -1,5 +1,6 @@
 """``acp-data prebuild``: the command line over ``run_prebuild`` (rank and world size from ``--shard`` or the
-environment, ``--set`` overrides, ``--check`` without loading models)."""
+environment, ``--set`` overrides, ``--check`` without loading models, against ``--out``'s manifest). Exit status: 0
+done, 1 the run failed or stored nothing (every unit rejected: the counts say by what), 2 bad input."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
+from typing import Any
 
 from .config import PrebuildError, apply_overrides, load_config
 from .prepare import prepare
 from .runner import run_prebuild
-from .summary import format_summary
+from .summary import format_summary, nothing_stored
 
 __all__ = ["cli_main"]
 
@@ -36,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value (YAML value; dotted keys for sections), e.g. generator.steps=20")
     p.add_argument("--check", action="store_true",
-                   help="validate the config and print the units this rank would run, without loading models")
+                   help="validate the config and --out's manifest and print the units this rank would run, without "
+                        "loading models")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -59,8 +63,8 @@ def cli_main(argv: list[str]) -> int:
             units = prep.make_units(args.max_units)
             mine = shard_units(units, rank, world)
             print(json.dumps({"units": len(units), "rank": rank, "world": world, "rank_units": len(mine),
-                              "targets": len(prep.targets), "generation_settings": prep.generation_settings()},
-                             indent=1, sort_keys=True))
+                              "targets": len(prep.targets), "generation_settings": prep.generation_settings(),
+                              "cache": check_out_manifest(args.out, prep)}, indent=1, sort_keys=True))
             return 0
         summary = run_prebuild(config, args.out, rank, world, args.max_units, device=args.device,
                                threads=args.threads, keep=args.keep, progress=not args.no_progress)
@@ -68,5 +72,34 @@ def cli_main(argv: list[str]) -> int:
         print(f"acp-data prebuild: error: {e}", file=sys.stderr)
         return 2
     print(format_summary(summary))
+    empty = nothing_stored(summary, args.out)
+    if empty:
+        print(f"acp-data prebuild: error: {empty}", file=sys.stderr)
+        return 1
     return 0 if summary["status"] == "complete" else 1
+
+
+def check_out_manifest(out: str, prep: Any) -> str:
+    """What a run into ``out`` would find (``--check``): no cache yet, a cache this config extends, or an empty one it
+    would take over; a cache of another recipe that holds samples is a ``PrebuildError`` listing the differences,
+    as the run itself would give."""
+    from ..cache.layout import MANIFEST, CacheError
+    from ..cache.manifest import load_manifest, manifest_problems, refusal_message, sample_files
+
+    path = Path(out) / MANIFEST
+    if not path.exists():
+        return f"{out}: no cache yet (a run creates it)"
+    held = sample_files(out)
+    try:
+        problems = manifest_problems(load_manifest(out), prep.categories, prep.generation_settings())
+    except CacheError as e:
+        if held:
+            raise PrebuildError(str(e)) from e
+        problems = [str(e)]
+    if not problems:
+        return f"{out}: an existing cache with these generation settings (a run adds the missing units)"
+    if held:
+        raise PrebuildError(refusal_message(Path(out), problems, held))
+    return f"{out}: a manifest of other settings and no sample: a run takes it over (" + " ".join(
+        p.strip() for p in problems) + ")"
 

@@ -15,7 +15,7 @@ import numpy as np
 from ..clis.select import DEFAULT_MIN_CLIS_I, DEFAULT_MIN_CLIS_L
 
 __all__ = ["PrebuildError", "DEFAULTS", "load_config", "apply_overrides", "check_config", "stage_section",
-           "stage_name", "json_safe"]
+           "stage_name", "json_safe", "datasets_root", "resolve_data_path"]
 
 
 class PrebuildError(ValueError):
@@ -103,6 +103,26 @@ def apply_overrides(config: dict[str, Any], overrides: Iterable[str]) -> dict[st
             node = nxt
         node[parts[-1]] = value
     return out
+
+
+DATASETS_PREFIX = "datasets"  # detectron2's default datasets root, the first component of a recipe data path
+
+
+def datasets_root() -> str:
+    """``$DETECTRON2_DATASETS`` (default ``datasets``), where detectron2 looks datasets up."""
+    return os.path.expanduser(os.environ.get("DETECTRON2_DATASETS", DATASETS_PREFIX))
+
+
+def resolve_data_path(path: str) -> str:
+    """A recipe data path (``priors``, a ``categories`` json) as detectron2 resolves dataset paths: a relative path
+    whose first component is ``datasets`` names a file under the datasets root (``datasets/lvis/x.npz`` ->
+    ``$DETECTRON2_DATASETS/lvis/x.npz``; ``./datasets/lvis/x.npz`` without the variable); any other path is taken
+    as given (relative to the working directory)."""
+    p = os.path.expanduser(path)
+    parts = Path(p).parts
+    if not os.path.isabs(p) and len(parts) > 1 and parts[0] == DATASETS_PREFIX:
+        return os.path.join(datasets_root(), *parts[1:])
+    return p
 
 
 def _int(cfg: dict[str, Any], key: str, lo: int | None = None, hi: int | None = None) -> int:

@@ -11,7 +11,16 @@ from pathlib import Path
 from typing import Any
 
 from ..stages import Generator, Planner, Segmenter, Stage, StageContext, WorkUnit, generation_key
-from .config import PrebuildError, check_config, json_safe, stage_name, stage_section
+from .config import (
+    DATASETS_PREFIX,
+    PrebuildError,
+    check_config,
+    datasets_root,
+    json_safe,
+    resolve_data_path,
+    stage_name,
+    stage_section,
+)
 
 __all__ = ["Prepared", "prepare", "resolve_device", "build_scorer", "build_layout"]
 
@@ -41,9 +50,11 @@ def _load_categories(spec: Any, priors: Any) -> Any:
             return world_category_table(size)
         except ValueError as e:
             raise PrebuildError(f"categories: {e}") from e
-    p = Path(s).expanduser()
+    p = Path(resolve_data_path(s))
     if not p.is_file():
-        raise PrebuildError(f"categories: {s!r} is neither lvis_v1, shapes[:SIZE] nor an existing LVIS-format json")
+        where = f" ({p})" if str(p) != s else ""
+        raise PrebuildError(f"categories: {s!r}{where} is neither lvis_v1, shapes[:SIZE] nor an existing LVIS-format "
+                            "json")
     try:
         return CategoryTable.from_lvis_json(p)
     except CategoryError as e:
@@ -180,6 +191,24 @@ def _with_base_hooks(stage: Any, base: type[Stage]) -> Any:
 
 
 
+def _missing_priors(given: str, path: str, categories: Any) -> str:
+    """The message for a priors file that does not exist: where it was looked for and the command that builds it
+    from the training annotations of ``categories``."""
+    if isinstance(categories, str) and categories.strip().lower() in ("lvis_v1", "lvis"):
+        ann = os.path.join(datasets_root(), "lvis", "lvis_v1_train.json")  # detectron2's lvis_v1_train
+    elif isinstance(categories, str) and not categories.strip().lower().startswith("shapes"):
+        ann = resolve_data_path(categories.strip())
+    else:
+        ann = "TRAIN_ANNOTATIONS.json"  # the training split's LVIS-format json
+    where = ""
+    if not os.path.isabs(given) and Path(given).parts[:1] == (DATASETS_PREFIX,):
+        env = os.environ.get("DETECTRON2_DATASETS")
+        where = (f" (config key 'priors' = {given!r}: a path under {DATASETS_PREFIX}/ is looked up in "
+                 + (f"DETECTRON2_DATASETS={env}" if env else "./datasets, DETECTRON2_DATASETS being unset") + ")")
+    return (f"priors: priors file {path!r} does not exist{where}. Build it with:\n  acp-data priors build --ann {ann} "
+            f"--out {path}")
+
+
 def _load_inputs(cfg: dict[str, Any]) -> tuple[Any, Any, list[int]]:
     """``(priors or None, CategoryTable, target category ids)`` from the config's priors, categories and concepts."""
     from ..categories import CategoryError
@@ -189,8 +218,11 @@ def _load_inputs(cfg: dict[str, Any]) -> tuple[Any, Any, list[int]]:
     if cfg["priors"] is not None:
         if not isinstance(cfg["priors"], str):
             raise PrebuildError(f"config key 'priors' = {cfg['priors']!r} must be a file path or null")
+        path = resolve_data_path(cfg["priors"])
+        if not os.path.isfile(path):
+            raise PrebuildError(_missing_priors(cfg["priors"], path, cfg["categories"]))
         try:
-            priors = Priors.load(Path(cfg["priors"]).expanduser())
+            priors = Priors.load(path)
         except (PriorsError, CategoryError, KeyError, ValueError) as e:
             raise PrebuildError(f"priors: {e}") from e
     categories = _load_categories(cfg["categories"], priors)

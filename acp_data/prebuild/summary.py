@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["STAGES", "write_summary", "merge_summaries", "format_summary"]
+__all__ = ["STAGES", "write_summary", "merge_summaries", "format_summary", "nothing_stored"]
 
 # Stages timed separately (the summary's ``time_s`` and ``time_share`` keys, plus ``load``, ``loop`` and ``total``).
 STAGES = ("plan", "generate", "segment", "clis_l", "clis_i", "select", "encode", "write")
@@ -95,4 +95,30 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"  error: {summary['error']}")
     return "\n".join(lines)
 
+
+def nothing_stored(summary: dict[str, Any], cache_dir: Any) -> str | None:
+    """The error of a complete run after which the cache holds no sample at all, with the counts of what rejected
+    every unit (this run's, else the earlier runs' that this one skipped); ``None`` otherwise."""
+    from ..cache.layout import list_shard_files
+    from ..cache.writer import read_summaries
+
+    if summary.get("status") != "complete" or not summary["units"]["rank"] or list_shard_files(cache_dir):
+        return None
+    empty = dict(summary.get("empty_units") or {})
+    rejections = {f"{stage}.{r}": n for stage, d in summary.get("rejections", {}).items() for r, n in d.items() if n}
+    if not summary["units"]["processed"]:  # skipped as rejected by earlier runs: their summaries say why
+        earlier = [s for s in read_summaries(cache_dir) if s.get("summary_path") != summary.get("summary_path")]
+        for s in earlier:
+            empty.update(s.get("empty_units") or {})
+        counts: Counter = Counter()
+        for s in earlier:
+            counts.update({f"{stage}.{r}": int(n) for stage, d in s.get("rejections", {}).items()
+                           for r, n in d.items() if n})
+        rejections = dict(counts)
+    reasons = ", ".join(f"{r} {n}" for r, n in Counter(empty.values()).most_common()) or "none recorded"
+    detail = ", ".join(f"{k} {n}" for k, n in sorted(rejections.items(), key=lambda kv: -kv[1]))
+    return (f"stored nothing: {cache_dir} holds no sample. All {summary['units']['rank']} units of this rank ended "
+            f"without one, by reason: {reasons}" + (f"; rejections: {detail}" if detail else "")
+            + ". Fix what rejects them (docs/prebuild.md \"Summary\") and rerun: units that failed with an error "
+            "are retried")
 
