@@ -92,12 +92,20 @@ def best_of_n(group: np.ndarray, order: np.ndarray, image: np.ndarray, layout: n
     out = np.zeros(len(image), dtype=bool)
     if not len(idx):
         return out
+    # one sort by unit, then the ranking keys one after another within each unit (O(n) passes, no float sort)
+    idx = idx[np.argsort(group[idx], kind="stable")]
+    g = group[idx]
+    starts = np.flatnonzero(np.concatenate([[True], g[1:] != g[:-1]]))
+    unit = np.cumsum(np.concatenate([[False], g[1:] != g[:-1]]))
+    alive = np.ones(len(idx), dtype=bool)
     lay = layout[idx]
-    ranked = idx[np.lexsort((np.asarray(order)[idx], -np.nan_to_num(lay, nan=0.0), np.isnan(lay), -image[idx],
-                             group[idx]))]
-    first = np.ones(len(ranked), dtype=bool)
-    first[1:] = group[ranked][1:] != group[ranked][:-1]
-    out[ranked[first]] = True
+    lay = np.where(np.isnan(lay), -np.inf, lay)  # an unscored layout ranks below any score
+    for key in (image[idx], lay, -np.asarray(order, dtype=np.float64)[idx]):
+        best = np.maximum.reduceat(np.where(alive, key, -np.inf), starts)
+        alive &= key == best[unit]
+    pos = np.flatnonzero(alive)  # equal on every key (a duplicate): the first
+    pos = pos[np.concatenate([[True], unit[pos][1:] != unit[pos][:-1]])]
+    out[idx[pos]] = True
     return out
 
 
