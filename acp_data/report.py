@@ -4,6 +4,11 @@ Each run directory holds ``metrics.json`` (the evaluation contract of design.md,
 computed it) and the ``config.yaml`` detectron2 writes. Runs whose configs differ only by ``SEED`` / ``OUTPUT_DIR`` form one group and are reported as mean +- std
 (sample std, n-1). Outputs: ``report.md``, ``report.csv`` (one row per run), ``groups.csv`` and PNG plots:
 per-group AP (APr/APc/APf) per run group, and APr against the synthetic ratio or image count when groups sweep it.
+
+A run whose training did not finish (``train_status.json`` ``running`` or ``failed``, or a ``metrics.json`` of an
+earlier iteration than the training's last) is refused, or reported marked with ``--allow-unfinished``. ACP runs
+list their synthetic set (``acp_samples.npz``, its sha in ``acp_run.json``): the report says when compared runs used
+different synthetic samples, and how many they share.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ class Run:
     metrics: dict[str, Any]
     config: dict[str, Any]
     label: str = ""
+    unfinished: str | None = None  # why metrics.json is not a finished training's result (None: it is)
+    synthetic: dict[str, Any] | None = None  # acp_run.json's "synthetic_set" (ACP runs)
 
     @property
     def seed(self) -> Any:
@@ -97,7 +104,28 @@ def load_run(path: str | os.PathLike) -> Run:
     cfile = p / "config.yaml"
     if cfile.is_file():
         config = flatten_config(yaml.safe_load(cfile.read_text()) or {})
-    return Run(path=p, name=p.name, metrics=metrics, config=config)
+    from .d2.runstatus import read_status, unfinished_reason
+
+    try:
+        unfinished = unfinished_reason(read_status(p), metrics)
+    except ValueError as e:
+        unfinished = str(e)
+    return Run(path=p, name=p.name, metrics=metrics, config=config, unfinished=unfinished,
+               synthetic=_synthetic_set(p, metrics))
+
+
+def _synthetic_set(run_dir: Path, metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """The run's synthetic set record: ``acp_run.json``'s ``synthetic_set``, else ``metrics.json``'s sha."""
+    from .d2.runfile import RUN_FILE
+
+    try:
+        doc = json.loads((run_dir / RUN_FILE).read_text())
+        if isinstance(doc.get("synthetic_set"), dict):
+            return doc["synthetic_set"]
+    except (OSError, ValueError, AttributeError):
+        pass
+    sha = metrics.get("synthetic_set")
+    return {"sha": sha} if isinstance(sha, str) else None
 
 
 def group_runs(runs: Sequence[Run]) -> list[Group]:
@@ -149,6 +177,57 @@ def eval_backends_line(runs: Sequence[Run]) -> str:
     return f"Evaluation backends: {detail} (the same numbers by contract: hotcoco equals lvis-api)."
 
 
+def unfinished_lines(runs: Sequence[Run]) -> list[str]:
+    """report.md lines marking the runs reported although their training did not finish (``--allow-unfinished``)."""
+    bad = [r for r in runs if r.unfinished]
+    if not bad:
+        return []
+    return ["**Unfinished runs** (their metrics.json is not a finished training's result):", "",
+            *[f"- {r.name}: {r.unfinished}" for r in bad], ""]
+
+
+def synthetic_set_lines(groups: Sequence[Group]) -> list[str]:
+    """report.md section listing each ACP run's synthetic set (samples, sha) and saying where compared runs used
+    different sets: within a group (seeds) that mixes data differences into the spread."""
+    runs = [r for g in groups for r in g.runs]
+    if not any(r.synthetic for r in runs):
+        return []
+    lines = ["## Synthetic sets", "", "| run | group | samples | sha | used as |", "|---|---|---|---|---|"]
+    for g in groups:
+        for r in g.runs:
+            s = r.synthetic or {}
+            lines.append(f"| {r.name} | {g.label} | {s.get('samples', '-')} | {s.get('sha', '-')} | "
+                         f"{s.get('used_as', '-')} |")
+    lines.append("")
+    shas = {_sha(r) for r in runs if r.synthetic}
+    if len(shas) == 1:
+        return lines + ["All ACP runs used the same synthetic samples.", ""]
+    for g in groups:
+        acp = [r for r in g.runs if r.synthetic]
+        if len({_sha(r) for r in acp}) > 1:
+            pairs = [_overlap(acp[0], r) for r in acp[1:] if _sha(r) != _sha(acp[0])]
+            lines.append(f"**Different synthetic sets within group {g.label}**: its seed spread includes a data "
+                         "difference. " + "; ".join(pairs) + ".")
+    lines += [f"The compared runs used {len(shas)} different synthetic sets.", ""]
+    return lines
+
+
+def _sha(r: Run) -> str | None:
+    return (r.synthetic or {}).get("sha")
+
+
+def _overlap(a: Run, b: Run) -> str:
+    """How two runs' synthetic sets overlap (from their ``acp_samples.npz``; the shas when a file is missing)."""
+    from .d2.synthset import SyntheticSet, compare
+
+    try:
+        c = compare(SyntheticSet.read(a.path), SyntheticSet.read(b.path))
+    except ValueError:
+        return f"{a.name} vs {b.name}: sha {_sha(a)} vs {_sha(b)}"
+    return (f"{a.name} vs {b.name}: {c['common']} samples in common, {c['only_a']} only in {a.name}, {c['only_b']} "
+            f"only in {b.name}, {c['instances_differ']} with other kept instances")
+
+
 def _fmt(mean: float | None, std: float | None, n: int) -> str:
     if mean is None:
         return "n/a"
@@ -184,6 +263,8 @@ def write_tables(groups: Sequence[Group], out: Path) -> tuple[Path, Path, Path]:
     if fmt:
         lines += [f"Mask format of all runs: `{fmt}`.", ""]
     lines += [eval_backends_line(runs), ""]
+    lines += unfinished_lines(runs)
+    lines += synthetic_set_lines(groups)
     for t in TASKS:
         title = "mask" if t == "segm" else "box"
         lines += [f"## {title} AP ({t}), mean ± std over seeds", "",
@@ -197,7 +278,8 @@ def write_tables(groups: Sequence[Group], out: Path) -> tuple[Path, Path, Path]:
     for g in groups:
         for r in g.runs:
             cells = ["n/a" if (v := r.value("segm", m)) is None else f"{v:.1f}" for m in METRICS]
-            lines.append(f"| {r.name} | {g.label} | {r.seed} | " + " | ".join(cells) + " |")
+            name = f"{r.name} (unfinished)" if r.unfinished else r.name
+            lines.append(f"| {name} | {g.label} | {r.seed} | " + " | ".join(cells) + " |")
     md.write_text("\n".join(lines) + "\n")
     return md, run_csv, group_csv
 
@@ -279,11 +361,17 @@ def write_plots(groups: Sequence[Group], out: Path) -> list[Path]:
 
 
 def make_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
-                labels: dict[str, str] | None = None) -> dict[str, Any]:
-    """Load runs, group them, write tables and plots into ``out_dir``; return the group statistics."""
+                labels: dict[str, str] | None = None, allow_unfinished: bool = False) -> dict[str, Any]:
+    """Load runs, group them, write tables and plots into ``out_dir``; return the group statistics. A run whose
+    training did not finish is a ``ReportError`` unless ``allow_unfinished`` (then it is marked in report.md)."""
     if not run_dirs:
         raise ReportError("no run directories given")
     runs = [load_run(d) for d in run_dirs]
+    bad = [r for r in runs if r.unfinished]
+    if bad and not allow_unfinished:
+        raise ReportError("refusing runs whose training did not finish (their metrics.json is not the trained "
+                          "model's result; resume or rerun them, or pass --allow-unfinished to report them marked):"
+                          "\n  " + "\n  ".join(f"{r.path}: {r.unfinished}" for r in bad))
     groups = group_runs(runs)
     for g in groups:
         if labels:
@@ -309,11 +397,13 @@ def cli_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="acp-data report", description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", help="run directories (each with metrics.json and config.yaml)")
     ap.add_argument("--out", required=True, help="output directory for report.md, CSVs and PNG plots")
+    ap.add_argument("--allow-unfinished", action="store_true",
+                    help="report runs whose training failed or has not finished, marked, instead of refusing them")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         check_output_path(args.out, "dir", "--out")  # before any run is read (one line, not a traceback)
-        make_report(args.runs, args.out)
+        make_report(args.runs, args.out, allow_unfinished=args.allow_unfinished)
     except (ReportError, UsageError) as e:
         return fail("acp-data report", e)
     print((Path(args.out) / "report.md").read_text())

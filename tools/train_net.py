@@ -4,13 +4,15 @@
     tools/train_net.py --config acp_lvis.yaml                      # a bare name is looked up in configs/
     tools/train_net.py --config-file configs/lvis_baseline_12ep.yaml --num-gpus 8
     tools/train_net.py --config lvis_baseline_12ep.yaml --eval-only MODEL.WEIGHTS output/x/model_final.pth
+    tools/train_net.py --config acp_lvis.yaml --num-gpus 2 MODEL.DEVICE cpu    # 2 processes on CPU (gloo)
 
 Before anything heavy runs it checks (``acp_data.d2.checks``, in the order of docs/design.md "detectron2 integration
 (contract)") the config values, the data files (dataset json and image directories under $DETECTRON2_DATASETS, the
 ACP cache manifests) and the model; a failure prints one message and exits with status 2 (as do acp_data's own
 errors raised later, e.g. by the ACP loader; ``ACP_DEBUG=1`` shows their traceback). Evaluation writes
 ``metrics.json`` (AP, APr, APc, APf, ...) into OUTPUT_DIR; detectron2's per-iteration training scalars go to
-``train_metrics.json``. The trainer and the setup live in ``acp_data.d2.engine``.
+``train_metrics.json``; ``train_status.json`` says whether training finished (a training that raised is not
+evaluated). The trainer and the setup live in ``acp_data.d2.engine``.
 """
 
 from __future__ import annotations
@@ -55,10 +57,13 @@ def main(args):
 def cli(argv: list[str] | None = None) -> int:
     args = argument_parser().parse_args(argv)
     try:
-        run_checks(args)
+        cfg = run_checks(args)
     except CheckError as e:
         print(f"train_net.py: error: {e}", file=sys.stderr)
         return 2
+    if args.num_gpus * args.num_machines > 1 and str(cfg.MODEL.DEVICE).startswith("cpu"):
+        # detectron2's launch picks gloo when its processes see no CUDA device: a CPU run hides the GPUs from them
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     try:
         launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
                dist_url=args.dist_url, args=(args,))

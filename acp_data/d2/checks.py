@@ -106,8 +106,10 @@ def check_model(cfg: CfgNode, args: argparse.Namespace) -> None:
         if args.num_gpus > torch.cuda.device_count():
             raise CheckError(f"--num-gpus {args.num_gpus} but only {torch.cuda.device_count()} CUDA devices are "
                              "visible")
-    elif args.num_gpus > 1:
-        raise CheckError(f"--num-gpus {args.num_gpus} needs MODEL.DEVICE cuda (it is {device!r})")
+    elif device != "cpu":
+        if args.num_gpus > 1:
+            raise CheckError(f"--num-gpus {args.num_gpus} runs one process per device: MODEL.DEVICE must be cuda "
+                             f"or cpu (it is {device!r})")
     names = list(cfg.DATASETS.TEST) + ([] if args.eval_only else list(cfg.DATASETS.TRAIN))
     for name in names:
         classes = MetadataCatalog.get(name).get("thing_classes")

@@ -144,12 +144,14 @@ def write_metrics(
     iteration: int | None = None,
     config_sha: str | None = None,
     eval_backend: str | None = None,
+    synthetic_set: str | None = None,
 ) -> str:
     """Write design.md's ``metrics.json`` into ``output_dir`` (atomically) and return its path.
 
     Keys ``bbox`` and ``segm`` (``null`` for a task not evaluated), ``dataset``, ``iter`` (training iterations done,
-    ``null`` if unknown), ``config_sha``, and ``eval_backend`` (the backend that computed the numbers) when given;
-    metric values in percent, ``null`` where lvis-api gives -1.
+    ``null`` if unknown), ``config_sha``, and ``eval_backend`` (the backend that computed the numbers) and
+    ``synthetic_set`` (the sha of an ACP run's ``acp_samples.npz``) when given; metric values in percent, ``null``
+    where lvis-api gives -1.
     """
     doc: dict[str, Any] = {}
     for task in TASKS:
@@ -158,6 +160,8 @@ def write_metrics(
     doc.update({"dataset": dataset, "iter": None if iteration is None else int(iteration), "config_sha": config_sha})
     if eval_backend is not None:
         doc["eval_backend"] = eval_backend
+    if synthetic_set is not None:
+        doc["synthetic_set"] = synthetic_set
     path = os.path.join(os.fspath(output_dir), METRICS_FILE)
     atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
     return path
@@ -193,6 +197,7 @@ class LVISMetricsEvaluator:
         distributed: bool = True,
         backend: str | None = None,
         per_category: bool = False,
+        synthetic_set: str | None = None,
     ) -> None:
         from detectron2.data import MetadataCatalog
 
@@ -213,6 +218,7 @@ class LVISMetricsEvaluator:
         self._metrics_dir = metrics_dir
         self._iteration = iteration
         self._config_sha = config_sha
+        self._synthetic_set = synthetic_set
         self._max_dets = max_dets
         self._distributed = distributed
         self._per_category = per_category
@@ -261,7 +267,7 @@ class LVISMetricsEvaluator:
                             format_per_category_table(self._gt, per_category_ap(ev.tasks[task])))
         if self._metrics_dir:
             path = write_metrics(self._metrics_dir, ev.results, self._dataset_name, self._iteration,
-                                 self._config_sha, eval_backend=ev.backend)
+                                 self._config_sha, eval_backend=ev.backend, synthetic_set=self._synthetic_set)
             logger.info("Wrote %s", path)
         # detectron2's hooks need floats: None -> NaN.
         return OrderedDict((t, {k: (math.nan if v is None else v) for k, v in m.items()})
@@ -283,15 +289,29 @@ def format_per_category_table(gt: GroundTruth, ap: dict[int, float | None], colu
 def build_lvis_evaluator(cfg, dataset_name: str, output_dir: str, iteration: int | None = None,
                          detections_dir: str | None = None) -> LVISMetricsEvaluator:
     """The training-time evaluator: tasks from ``MODEL.MASK_ON``; backend from ``ACP.EVAL_BACKEND``;
-    ``metrics.json`` (with the config sha and ``iteration``, the number of finished training iterations, ``null``
-    if not given) into ``output_dir``; detections into ``detections_dir`` (default ``output_dir``)."""
+    ``metrics.json`` (with the config sha, ``iteration``, the number of finished training iterations, ``null``
+    if not given, and for an ACP run the sha of its synthetic set from ``OUTPUT_DIR/acp_run.json``) into
+    ``output_dir``; detections into ``detections_dir`` (default ``output_dir``)."""
     tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
     acp = cfg.get("ACP", None)
     backend = acp.get("EVAL_BACKEND", None) if acp is not None else None
     return LVISMetricsEvaluator(
         dataset_name, tasks=tasks, output_dir=detections_dir or output_dir, metrics_dir=output_dir,
         iteration=iteration, config_sha=config_sha(cfg), backend=backend,
+        synthetic_set=_synthetic_set_sha(cfg) if acp is not None and acp.get("ENABLED", False) else None,
     )
+
+
+def _synthetic_set_sha(cfg) -> str | None:
+    """The ``synthetic_set.sha`` the ACP loader recorded in ``OUTPUT_DIR/acp_run.json`` (None without one)."""
+    from .runfile import RUN_FILE
+
+    try:
+        with open(os.path.join(cfg.OUTPUT_DIR, RUN_FILE)) as f:
+            sha = (json.load(f).get("synthetic_set") or {}).get("sha")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return sha if isinstance(sha, str) else None
 
 
 # ----- CLI ---------------------------------------------------------------------------------------------------------

@@ -396,6 +396,7 @@ def _train_loader_from_config(cfg: Any, mapper: Any = None) -> dict[str, Any]:
     _log_summary(summary)
     if rank == 0:
         os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+        summary["synthetic_set"] = _record_synthetic_set(cfg.OUTPUT_DIR, synth, mix)
         atomic_write_json(Path(cfg.OUTPUT_DIR) / RUN_FILE, summary)
 
     return {"dataset": real_dicts, "synthetic": synthetic_of if mix.images else None, "sampler": sampler,
@@ -431,7 +432,8 @@ def build_acp_train_loader(dataset: Any, *, synthetic: Callable[[int], Any] | No
                          f"{sampler.world_size}")
     batches = build_batch_sampler(sampler, composition=batch_composition,
                                   batch_size=total_batch_size // sampler.world_size,
-                                  real_groups=real_aspect_groups(real) if aspect_ratio_grouping else None)
+                                  real_groups=real_aspect_groups(dataset if isinstance(dataset, list) else real)
+                                  if aspect_ratio_grouping else None)
     mixed = MixedDataset(real, synthetic, mapper, batches, sampler.seed if seed is None else seed)
     loader = build_detection_train_loader(dataset=mixed, sampler=batches, mapper=None,
                                           total_batch_size=total_batch_size, aspect_ratio_grouping=False,
@@ -485,6 +487,21 @@ def _summarise(cfg: Any, real_dicts: list, real_cats: ImageCategories, synth: An
                         "min_visible_frac": float(p.MIN_VISIBLE_FRAC), "min_visible_pixels": int(p.MIN_VISIBLE_PIXELS),
                         "expected_pasted_per_image": float(p.PROB) * (1 + int(p.MAX_INSTANCES)) / 2.0}
     return out
+
+
+def _record_synthetic_set(output_dir: str, synth: Any, mix: MixMode) -> dict[str, Any]:
+    """Write ``acp_samples.npz`` (the exact samples the load-time selection kept, ``acp_data/d2/synthset.py``) into
+    ``output_dir``, log its hash, and return the ``synthetic_set`` entry of ``acp_run.json``."""
+    from .synthset import SAMPLES_FILE, SyntheticSet
+
+    sset = SyntheticSet.from_dataset(synth)
+    sset.write(output_dir)
+    sha = sset.sha()
+    used = "+".join(u for u, on in (("images", mix.images), ("paste", mix.paste)) if on) or "none"
+    logger.info("ACP synthetic set: %d samples, %d instances, sha %s (used as %s; %s)", len(sset),
+                len(sset.inst_local), sha, used, os.path.join(output_dir, SAMPLES_FILE))
+    return {"file": SAMPLES_FILE, "sha": sha, "samples": len(sset), "instances": int(len(sset.inst_local)),
+            "used_as": used}
 
 
 def _log_summary(s: dict[str, Any]) -> None:
