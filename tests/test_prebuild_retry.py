@@ -166,3 +166,29 @@ def test_recipe_data_paths_resolve_in_detectron2_datasets(tmp_path, shapes_input
     other.parent.mkdir()
     other.write_bytes(Path(shapes_inputs["priors"]).read_bytes())
     assert prepare({**cfg, "priors": "elsewhere/priors.npz", "categories": shapes_inputs["json"]}).priors is not None
+
+
+def test_lvis_recipe_priors_live_in_detectron2_datasets(tmp_path, monkeypatch):
+    """configs/prebuild/lvis_rare.yaml as shipped: its priors are looked up in $DETECTRON2_DATASETS, and a missing
+    file prints the command that builds it there from detectron2's LVIS v1 train json."""
+    from acp_data.categories import CategoryTable
+    from acp_data.prebuild import load_config, prepare
+    from acp_data.priors import Priors
+
+    root = tmp_path / "d2data"
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(root))
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs/prebuild/lvis_rare.yaml")
+    with pytest.raises(PrebuildError) as e:
+        prepare(cfg)
+    assert (f"acp-data priors build --ann {root}/lvis/lvis_v1_train.json --out {root}/lvis/acp_priors_v1.npz"
+            in str(e.value))
+
+    lvis = CategoryTable.from_lvis_v1()
+    data = {"images": [{"id": 1, "width": 640, "height": 480}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 100, 80], "iscrowd": 0}],
+            "categories": [{"id": c.id, "name": c.name, "synonyms": list(c.synonyms), "frequency": c.frequency,
+                            "image_count": c.image_count} for c in lvis]}
+    (root / "lvis").mkdir(parents=True)
+    Priors.build(data).save(root / "lvis" / "acp_priors_v1.npz")
+    assert len(prepare(cfg).targets) == 337
