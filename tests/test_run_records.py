@@ -22,7 +22,18 @@ MAX_ITER = 4
 
 
 # ----- a training that raises --------------------------------------------------------------------------------------
-def test_training_that_raises_on_its_last_iteration_is_not_evaluated(tiny_lvis, tmp_path, monkeypatch):
+@pytest.fixture
+def one_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+def test_training_that_raises_on_its_last_iteration_is_not_evaluated(tiny_lvis, tmp_path, monkeypatch, one_thread):
     from detectron2.engine import HookBase
 
     from acp_data.d2.engine import Trainer, argument_parser, setup
