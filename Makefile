@@ -28,6 +28,7 @@ bench: setup
 	$(PY) benchmarks/clis_bench.py
 	$(PY) benchmarks/prebuild_bench.py
 	$(PY) benchmarks/loader_bench.py
+	$(PY) benchmarks/eval_bench.py
 
 lint: setup
 	$(VENV)/bin/ruff check acp_data tools tests benchmarks
