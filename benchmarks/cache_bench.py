@@ -6,16 +6,19 @@ reads, each next to a baseline measured in the same run.
    written in bulk from record templates (same tar members, checksums and index columns, built with the cache's own
    ``tarfmt``/``index`` functions, skipping per-record validation and JSON encoding), because the Python writer would
    take minutes for 1M records. Every sample is real and readable. Open = ``CacheReader`` + the default selection +
-   ``SyntheticDataset``; baseline = parsing records into a list of dicts (what a DatasetFromList-style loader does
-   at start), measured on ``--baseline-records`` records and scaled linearly to the whole cache.
-2. Worker memory: a child process imports torch + detectron2, then opens the dataset and reads 2000 samples; the USS
-   it adds is reported. Baseline: a child holding records in detectron2's ``DatasetFromList`` (serialized), i.e.
-   what each worker holds when it has its own copy (measured on ``--baseline-records`` records, scaled).
+   ``SyntheticDataset``; baseline = parsing the records of the same kept rows (the selected candidates) into a list
+   of dicts (what a DatasetFromList-style loader does at start), measured on ``--baseline-records`` of them and
+   scaled linearly to all kept rows.
+2. Worker memory, measured the same way for both: a child process imports torch + detectron2 and builds the dataset,
+   then a torch ``DataLoader`` forks ``--workers`` workers (copy-on-write as it is) that each read every sample of
+   their share; each worker reports its USS after the reads. Ours: ``SyntheticDataset`` with the default selection.
+   Baseline: the same kept rows as detectron2 dataset dicts in detectron2's ``DatasetFromList(serialize=True)`` (one
+   pickled buffer, as ``build_detection_train_loader`` holds them). The parent's USS for the dataset is reported too.
 3. Decode: 512 px JPEG samples read+decoded from the cache vs the same JPEG bytes read from plain files and decoded
    with the same decoder (and with detectron2's ``read_image``).
 4. Crops: ``CropStore.read`` vs X-Paste's layout (one RGBA PNG per instance + one JSON index).
 
-Targets (issue 10): open <= 2 s; <= 150 MB USS per worker; read+decode >= 0.8x plain JPEG files; crops >= 3x the PNG
+Targets: open <= 2 s; <= 150 MB USS per worker; read+decode >= 0.8x plain JPEG files; crops >= 3x the PNG
 folder. The last line is one JSON object.
 """
 
@@ -39,30 +42,42 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 CHILD = r"""
-import json, sys, psutil
+import gc, json, sys, psutil
 def uss():
     return psutil.Process().memory_full_info().uss / 2**20
 import torch, detectron2.data, detectron2.structures  # what every dataloader worker has loaded
 torch.set_num_threads(1)
+from acp_data.cache.selection import Selection
+from acp_data.d2.datasets import SyntheticDataset
+mode, cache, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
+gc.collect()
 base = uss()
-mode, cache, n_read, n_records = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 if mode == "acp":
-    from acp_data.d2.datasets import SyntheticDataset
-    ds = SyntheticDataset(cache)
-    step = max(1, len(ds) // n_read)
-    for i in range(0, len(ds), step):
-        ds[i]
-else:
-    from acp_data.cache.reader import CacheReader
+    ds = SyntheticDataset(cache, Selection())
+else:  # the same kept rows as detectron2 dataset dicts, serialized as detectron2's DatasetFromList does
     from detectron2.data.common import DatasetFromList
-    r = CacheReader(cache)
-    records = [r.read_record(i) for i in range(min(n_records, len(r)))]
-    ds = DatasetFromList(records, copy=False, serialize=True)
-    del records
-    step = max(1, len(ds) // n_read)
-    for i in range(0, len(ds), step):
-        ds[i]
-print(json.dumps({"base_mb": base, "added_mb": uss() - base, "samples": len(ds)}))
+    src = SyntheticDataset(cache, Selection(), include_image_bytes=False)
+    dicts = [src[i] for i in range(len(src))]
+    del src
+    ds = DatasetFromList(dicts, copy=False, serialize=True)
+    del dicts
+gc.collect()
+parent_mb = uss() - base
+
+
+class Touch(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        start = uss()
+        n = 0
+        for i in range(info.id, len(ds), info.num_workers):
+            ds[i]
+            n += 1
+        yield {"worker": info.id, "start_mb": start, "end_mb": uss(), "touched": n}
+
+
+out = list(torch.utils.data.DataLoader(Touch(), batch_size=None, num_workers=workers))  # fork, as on Linux
+print(json.dumps({"base_mb": base, "parent_dataset_mb": parent_mb, "samples": len(ds), "workers": out}))
 """
 
 
@@ -95,9 +110,9 @@ def _write_rank(cache: str, rank: int, world: int, n_units: int, n_cand: int, pe
             w.add_unit(recs, imgs)
 
 
-def _child(mode: str, cache: Path, n_read: int, n_records: int = 0) -> dict:
+def _child(mode: str, cache: Path, workers: int) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, "-c", CHILD, mode, str(cache), str(n_read), str(n_records)],
+    out = subprocess.run([sys.executable, "-c", CHILD, mode, str(cache), str(workers)],
                          capture_output=True, text=True, env=env, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"USS child ({mode}) failed:\n{out.stderr[-3000:]}")
@@ -173,7 +188,7 @@ def _bulk_write(cache: Path, first_unit: int, n_units: int, n_cand: int, per: in
     return written
 
 
-def bench_index(work: Path, instances: int, per: int, n_cand: int, uss_reads: int, baseline_records: int,
+def bench_index(work: Path, instances: int, per: int, n_cand: int, workers: int, baseline_records: int,
                 writer_fraction: float) -> dict:
     from acp_data.cache.reader import CacheReader
     from acp_data.cache.selection import Selection, select
@@ -209,27 +224,38 @@ def bench_index(work: Path, instances: int, per: int, n_cand: int, uss_reads: in
     t = time.perf_counter()
     select(CacheReader(cache), Selection(select="random", min_clis_i=60.0, category_ids=(1, 2, 3)))
     select_s = time.perf_counter() - t
-    nb = min(baseline_records, len(r))
-    rows = np.linspace(0, len(r) - 1, nb).astype(np.int64)
+    kept = np.asarray(ds.result.sample_row)  # the same rows as ours: the selected candidates
+    nb = min(baseline_records, kept.size)
+    rows = kept[np.linspace(0, kept.size - 1, nb).astype(np.int64)]
     t = time.perf_counter()
     records = [json.loads(bytes(r.read_raw(int(i))[1])) for i in rows]
-    baseline_s = (time.perf_counter() - t) * len(r) / nb
+    baseline_s = (time.perf_counter() - t) * kept.size / nb
     del records
     print(f"open (reader + default selection + dataset, {len(ds)} kept images): {open_s:.3f} s; another selection "
-          f"over the same index: {select_s:.3f} s; baseline, parsing every record: {baseline_s:.1f} s (measured on "
-          f"{nb} records, scaled to {len(r)}); index {index_mb:.0f} MB on disk", flush=True)
+          f"over the same index: {select_s:.3f} s; baseline, parsing the kept records: {baseline_s:.1f} s (measured "
+          f"on {nb} records, scaled to {kept.size}); index {index_mb:.0f} MB on disk", flush=True)
 
-    acp = _child("acp", cache, uss_reads)
-    base = _child("list", cache, uss_reads, nb)
-    base_mb = base["added_mb"] * len(r) / base["samples"]
-    print(f"worker USS added: {acp['added_mb']:.1f} MB (dataset of {acp['samples']} images, {uss_reads} reads) vs "
-          f"{base_mb:.0f} MB for detectron2 DatasetFromList(serialize=True) of all {len(r)} records (measured "
-          f"{base['added_mb']:.1f} MB on {base['samples']}, scaled); torch + detectron2 import alone: "
+    acp = _child("acp", cache, workers)
+    base = _child("list", cache, workers)
+
+    def worker_mb(res: dict) -> tuple[float, float]:
+        return (float(np.mean([w["end_mb"] for w in res["workers"]])),
+                float(np.mean([w["end_mb"] - w["start_mb"] for w in res["workers"]])))
+
+    (acp_mb, acp_touch), (base_mb, base_touch) = worker_mb(acp), worker_mb(base)
+    print(f"per-worker USS after each of {workers} forked workers read its share of the {acp['samples']} kept samples: "
+          f"{acp_mb:.1f} MB ({acp_touch:+.1f} MB from the reads; parent holds {acp['parent_dataset_mb']:.1f} MB) vs "
+          f"{base_mb:.1f} MB ({base_touch:+.1f} MB; parent {base['parent_dataset_mb']:.1f} MB) for detectron2's "
+          f"DatasetFromList(serialize=True) of the same {base['samples']} rows; torch + detectron2 import alone: "
           f"{acp['base_mb']:.0f} MB USS", flush=True)
-    return {"samples": len(r), "instances": r.num_instances, "writer_samples": n_writer * n_cand,
-            "writer_samples_per_s": round(writer_rate, 1), "bulk_samples": bulk, "index_mb": round(index_mb, 1),
-            "open_s": round(open_s, 3), "select_s": round(select_s, 3), "open_baseline_s": round(baseline_s, 2),
-            "worker_uss_mb": round(acp["added_mb"], 1), "worker_uss_baseline_mb": round(base_mb, 1),
+    return {"samples": len(r), "kept_samples": len(ds), "instances": r.num_instances,
+            "writer_samples": n_writer * n_cand, "writer_samples_per_s": round(writer_rate, 1), "bulk_samples": bulk,
+            "index_mb": round(index_mb, 1), "open_s": round(open_s, 3), "select_s": round(select_s, 3),
+            "open_baseline_s": round(baseline_s, 2), "workers": workers,
+            "worker_uss_mb": round(acp_mb, 1), "worker_uss_baseline_mb": round(base_mb, 1),
+            "worker_uss_from_reads_mb": round(acp_touch, 1), "worker_uss_from_reads_baseline_mb": round(base_touch, 1),
+            "parent_dataset_mb": round(acp["parent_dataset_mb"], 1),
+            "parent_dataset_baseline_mb": round(base["parent_dataset_mb"], 1),
             "torch_d2_import_uss_mb": round(acp["base_mb"], 1)}
 
 
@@ -326,8 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-sample", type=int, default=10, help="instances per sample")
     p.add_argument("--candidates", type=int, default=4, help="candidates per work unit")
     p.add_argument("--decode-images", type=int, default=200, help="512 px images for the decode/crop part")
-    p.add_argument("--uss-reads", type=int, default=2000, help="samples each USS child reads")
-    p.add_argument("--baseline-records", type=int, default=10_000, help="records the JSON/list baselines parse")
+    p.add_argument("--workers", type=int, default=2, help="forked dataloader workers in the memory part")
+    p.add_argument("--baseline-records", type=int, default=10_000, help="records the open-time baseline parses")
     p.add_argument("--writer-fraction", type=float, default=0.1, help="share of units written through CacheWriter")
     p.add_argument("--workdir", default=None, help="keep the caches here (default: a temp dir, removed)")
     a = p.parse_args(argv)
@@ -338,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     try:
-        res = bench_index(work, a.instances, a.per_sample, a.candidates, a.uss_reads, a.baseline_records,
+        res = bench_index(work, a.instances, a.per_sample, a.candidates, a.workers, a.baseline_records,
                           a.writer_fraction)
         res.update(bench_decode_and_crops(work, a.decode_images))
     finally:

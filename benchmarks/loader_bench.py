@@ -1,27 +1,42 @@
 """Loader benchmark (``make bench``): per-image mapping time of the ACP train stream against detectron2's plain
-``DatasetMapper``, and of region-wise paste against an X-Paste-style full-canvas paste.
+``DatasetMapper`` on the same images, of region-wise paste against an X-Paste-style full-canvas paste, and of the
+``exact`` batch composition with aspect-ratio grouping against the ``stream`` composition.
 
-Data, generated in a temp dir: LVIS-like real images (640x480 JPEG, about 11 polygon instances each, an LVIS-format
-json) and one synthetic cache (512x512 JPEG samples with RLE masks, written through ``CacheWriter``) with its crop
-store and a priors file. Every mode maps the same records with detectron2's LVIS augmentation (shortest edge
-640..800, max 1333, flip) and ``INPUT.MASK_FORMAT: polygon``:
+Data, generated in a temp dir: LVIS-like real images (640x480 JPEG, every fourth one 480x640, about 11 polygon
+instances each, an LVIS-format json) and one synthetic cache (512x512 JPEG samples with RLE masks, written through
+``CacheWriter``) with its crop store and a priors file; the same synthetic samples are also exported as plain JPEG
+files with an LVIS json (polygons), as a detectron2 user would feed them. Every mode maps with detectron2's LVIS
+augmentation (shortest edge 640..800, max 1333, flip) and ``INPUT.MASK_FORMAT: polygon``:
 
-(a) detectron2's ``DatasetMapper`` on the real dicts (``DatasetFromList``, as ``build_detection_train_loader`` uses);
-(b) ``ratio`` 0.5 image mode: ``MixedDataset`` (sampler refs, seeded augmentation) + ``ACPDatasetMapper``;
-(c) paste mode: 10 cut-outs pasted onto every real image, region-wise (``acp_data.d2.paste``);
-(d) the same 10 placements pasted X-Paste-style (written here): every paste and every instance as a full-canvas
-    bitmask, masks updated on the whole canvas per paste, polygons traced from full-canvas masks at the end.
+(a)  detectron2's ``DatasetMapper`` over one ``DatasetFromList`` holding the real dicts and the exported synthetic
+     dicts, mapping exactly the images (b) maps, in the same order (``ratio`` 0.5): b/a is our overhead only;
+(a0) the same ``DatasetMapper`` on the real images (c) pastes onto;
+(b)  ``ratio`` 0.5 image mode: ``MixedDataset`` (sampler refs, seeded augmentation) + ``ACPDatasetMapper``;
+(c)  paste mode: 10 cut-outs pasted onto every real image, region-wise (``acp_data.d2.paste``); c/a0;
+(d)  the same 10 placements pasted X-Paste-style (written here): every paste and every instance as a full-canvas
+     bitmask, masks updated on the whole canvas per paste, polygons traced from full-canvas masks at the end (on the
+     first ``--xpaste-images`` images only: it is slow);
+(e)  (b) with ``BATCH_COMPOSITION: exact`` and aspect-ratio grouping (``ExactBatches``, 16 images per batch); e/b
+     includes each sampler's cost per image (0 workers; with N workers detectron2's ``ToIterableDataset`` runs any
+     sampler ``batch size`` times in every worker, alike for both).
 
-Targets (issue 13): b/a <= 1.10, c/a <= 1.5, d/c >= 3. Modes are interleaved image by image (the order rotates)
-and timed in process CPU time with one OpenCV/torch thread, as in a dataloader worker, so other load on a shared
-machine does not skew the ratios; wall-clock means are printed too. The last line is one JSON object.
+The exactness figures come from 10,000 batches of 16 of the (e) sampler at ratios 0.5 and 0.3 (the worse is
+reported): ``exact_batches_frac`` the share of batches holding the planned count (floor or ceil of ratio x 16),
+``synth_frac_error`` the gap between the measured synthetic fraction and the ratio.
+
+Targets: b/a <= 1.10, c/a0 <= 1.3, d/c >= 3, e/b <= 1.05, exact_batches_frac = 1, synth_frac_error <= 0.001. Modes
+are interleaved image by image (the order rotates) and timed in process CPU time with one OpenCV/torch thread, as in
+a dataloader worker, so other load on a shared machine skews the ratios less; wall-clock means are printed too. The
+last line is one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
+import math
 import shutil
 import sys
 import tempfile
@@ -64,13 +79,14 @@ def write_real(root: Path, n: int, seed: int) -> Path:
     images, anns = [], []
     counts = np.zeros(NUM_CATEGORIES + 1, int)
     for i in range(1, n + 1):
-        img = _background(rng, H_REAL, W_REAL)
+        width, height = (H_REAL, W_REAL) if i % 4 == 0 else (W_REAL, H_REAL)  # a quarter are portrait
+        img = _background(rng, height, width)
         present = set()
         for _ in range(int(rng.integers(9, 14))):
             cid = int(min(NUM_CATEGORIES, 1 + rng.zipf(1.6) % NUM_CATEGORIES))
-            poly = _blob(rng, rng.uniform(40, W_REAL - 40), rng.uniform(40, H_REAL - 40), rng.uniform(15, 90))
-            poly[:, 0] = poly[:, 0].clip(0, W_REAL - 1)
-            poly[:, 1] = poly[:, 1].clip(0, H_REAL - 1)
+            poly = _blob(rng, rng.uniform(40, width - 40), rng.uniform(40, height - 40), rng.uniform(15, 90))
+            poly[:, 0] = poly[:, 0].clip(0, width - 1)
+            poly[:, 1] = poly[:, 1].clip(0, height - 1)
             cv2.fillPoly(img, [np.round(poly).astype(np.int32)], tuple(int(v) for v in rng.integers(0, 256, 3)))
             x0, y0 = poly.min(0)
             x1, y1 = poly.max(0)
@@ -83,7 +99,7 @@ def write_real(root: Path, n: int, seed: int) -> Path:
             counts[c] += 1
         name = f"{i:06d}.jpg"
         Image.fromarray(img).save(img_dir / name, quality=90)
-        images.append({"id": i, "file_name": name, "height": H_REAL, "width": W_REAL, "neg_category_ids": [],
+        images.append({"id": i, "file_name": name, "height": height, "width": width, "neg_category_ids": [],
                        "not_exhaustive_category_ids": []})
     cats = [{"id": c, "name": f"category {c}", "synonyms": [f"category {c}"], "def": "", "image_count": int(counts[c]),
              "frequency": "r" if counts[c] <= 10 else ("c" if counts[c] <= 100 else "f")}
@@ -190,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--real", type=int, default=120, help="real images generated")
     p.add_argument("--synthetic", type=int, default=120, help="synthetic samples in the cache")
-    p.add_argument("--images", type=int, default=150, help="images mapped per mode")
+    p.add_argument("--images", type=int, default=480, help="images mapped per mode (whole batches of 16 for (e))")
+    p.add_argument("--xpaste-images", type=int, default=160, help="images mapped by the slow mode (d)")
     p.add_argument("--workdir", default="", help="keep the generated data here (default: a temp dir, removed)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", default="", help=argparse.SUPPRESS)  # profiling: time only these modes
@@ -207,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     from detectron2.data import DatasetFromList, DatasetMapper
 
+    from acp_data.cache.export import export_lvis
     from acp_data.categories import CategoryTable
+    from acp_data.d2.batching import ExactBatches, real_aspect_groups
     from acp_data.d2.config import get_acp_cfg
     from acp_data.d2.loader import MixedDataset, build_paste_source, synth_pool
     from acp_data.d2.lvis_format import load_lvis_format_json
@@ -235,8 +254,8 @@ def main(argv: list[str] | None = None) -> int:
             write_cache(work / "cache", table, args.synthetic, args.seed + 1)
             Priors.build(str(json_path)).save(work / "priors.npz")
         table = CategoryTable.from_lvis_json(str(json_path))
-        print(f"data: {args.real} real {W_REAL}x{H_REAL} images, {args.synthetic} synthetic {SYN_SIZE}px samples "
-              f"({time.perf_counter() - t0:.1f} s)")
+        print(f"data: {args.real} real {W_REAL}x{H_REAL} images (a quarter portrait), {args.synthetic} synthetic "
+              f"{SYN_SIZE}px samples ({time.perf_counter() - t0:.1f} s)")
 
         cfg = get_acp_cfg()
         cfg.INPUT.MIN_SIZE_TRAIN = (640, 672, 704, 736, 768, 800)
@@ -261,10 +280,23 @@ def main(argv: list[str] | None = None) -> int:
         paste_source = build_paste_source(cfg, selection, table)
         params = PasteParams(prob=1.0, max_instances=10, min_instances=10)
 
+        # the same synthetic samples as plain JPEG files + an LVIS json (polygons), for detectron2's own mapper
+        export_lvis([str(work / "cache")], work / "synth.json", selection, images_dir=work / "synth_images",
+                    polygons=True)
+        by_id = {d["image_id"]: d for d in load_lvis_format_json(work / "synth.json", work / "synth_images")}
+        syn_plain = [by_id[synth[k]["image_id"]] for k in range(len(synth))]
+        plain_ds = DatasetFromList(real_dicts + syn_plain, copy=False, serialize=True)
+
         def sampler(ratio):
             return RatioSampler(ratio=ratio, seed=1, num_real=len(real), real_factors=factors,
                                 schedule=PoolSchedule(synth_pool(synth) if ratio > 0 else SynthPool(
                                     ImageCategories.from_lists([]))), rank=0, world_size=1)
+
+        batch = 16
+        real_groups = real_aspect_groups(real_dicts)
+
+        def exact(ratio):
+            return ExactBatches(sampler(ratio), batch, real_groups)
 
         n = args.images
         plain = DatasetMapper(cfg, True)
@@ -272,16 +304,17 @@ def main(argv: list[str] | None = None) -> int:
         paste_mapper = ACPDatasetMapper(cfg, True, paste_source=paste_source, paste_params=params)
         xpaste_mapper = make_xpaste_mapper(ACPDatasetMapper)(cfg, True, paste_source=paste_source, paste_params=params)
 
-        s_ratio, s_real = sampler(0.5), sampler(0.0)
-        refs_ratio, refs_real = take_stream(s_ratio, n), take_stream(s_real, n)
+        s_ratio, s_real, s_exact = sampler(0.5), sampler(0.0), exact(0.5)
+        refs_ratio, refs_real, refs_exact = take_stream(s_ratio, n), take_stream(s_real, n), take_stream(s_exact, n)
         ds_ratio = MixedDataset(real, lambda v: synth, image_mapper, s_ratio, 1)
+        ds_exact = MixedDataset(real, lambda v: synth, image_mapper, s_exact, 1)
         ds_paste = MixedDataset(real, None, paste_mapper, s_real, 1)
         ds_xpaste = MixedDataset(real, None, xpaste_mapper, s_real, 1)
 
-        def run_a(refs):
+        def run_plain(refs):  # detectron2's mapper on the very images the refs name (real first, then synthetic)
             for r in refs:
                 np.random.seed(r.position)
-                plain(real[r.index])
+                plain(plain_ds[r.index if r.source == 0 else len(real_dicts) + r.index])
 
         def run_ds(ds):
             def f(refs):
@@ -289,42 +322,78 @@ def main(argv: list[str] | None = None) -> int:
                     ds[r]
             return f
 
-        modes = {"a": (run_a, refs_real), "b": (run_ds(ds_ratio), refs_ratio), "c": (run_ds(ds_paste), refs_real),
-                 "d": (run_ds(ds_xpaste), refs_real)}
+        # each sampler's own cost per image (what a worker spends producing the refs), stream vs exact + grouping
+        sampler_s: dict[str, float] = {}
+        for name, make in (("b", lambda: sampler(0.5)), ("e", lambda: exact(0.5))):
+            t = time.process_time()
+            take_stream(make(), 20 * batch * 100)
+            sampler_s[name] = (time.process_time() - t) / (20 * batch * 100)
+
+        modes = {"a": (run_plain, refs_ratio), "a0": (run_plain, refs_real), "b": (run_ds(ds_ratio), refs_ratio),
+                 "c": (run_ds(ds_paste), refs_real), "d": (run_ds(ds_xpaste), refs_real),
+                 "e": (run_ds(ds_exact), refs_exact)}
         if args.only:
-            modes = {k: v for k, v in modes.items() if k in args.only}
+            modes = {k: v for k, v in modes.items() if k in args.only.split(",")}
         for fn, refs in modes.values():  # warm-up (imports, caches, page cache)
             fn(refs[:5])
         cpu = {k: 0.0 for k in modes}
         wall = {k: 0.0 for k in modes}
+        count = {k: n if k != "d" else min(n, args.xpaste_images) for k in modes}
         order = list(modes)
         for i in range(n):
             for k in order[i % len(order):] + order[:i % len(order)]:
+                if i >= count[k]:
+                    continue
                 fn, refs = modes[k]
                 t, c = time.perf_counter(), time.process_time()
                 fn(refs[i:i + 1])
                 cpu[k] += time.process_time() - c
                 wall[k] += time.perf_counter() - t
-        med = {k: v / n for k, v in cpu.items()}
-        wall_ms = {k: round(1e3 * v / n, 3) for k, v in wall.items()}
+        med = {k: v / count[k] for k, v in cpu.items()}
+        wall_ms = {k: round(1e3 * v / count[k], 3) for k, v in wall.items()}
         if args.only:
             print(json.dumps({k: round(1e3 * v, 3) for k, v in med.items()}))
             return 0
+
+        # exactness over 10,000 batches (ratio 0.5 as timed, and 0.3 where 0.3 x 16 is fractional)
+        exact_frac, frac_err, exact_detail = 1.0, 0.0, {}
+        for ratio in (0.5, 0.3):
+            s = exact(ratio)
+            ks = np.array([sum(r.source for r in b) for b in itertools.islice(s.batches(), 10_000)])
+            planned = s.planned_counts(np.arange(10_000))
+            floor_ceil = np.isin(ks, (math.floor(ratio * batch), math.ceil(ratio * batch)))
+            share = float(np.mean((ks == planned) & floor_ceil))
+            err = abs(float(ks.sum()) / (10_000 * batch) - ratio)
+            exact_detail[str(ratio)] = {"exact_batches_frac": share, "synth_frac_error": err}
+            exact_frac, frac_err = min(exact_frac, share), max(frac_err, err)
+
         syn_frac = float(np.mean([r.source for r in refs_ratio]))
+        syn_frac_e = float(np.mean([r.source for r in refs_exact]))
         pasted = []
         for r in refs_real[:10]:
             inst = ds_paste[r]["instances"]
             pasted.append(int((inst.gt_sources == 1).sum()))
-        print(f"(a) detectron2 DatasetMapper            {1e3 * med['a']:7.2f} ms/image (CPU)")
-        print(f"(b) ratio 0.5 image mode ({syn_frac:.2f} synth)   {1e3 * med['b']:7.2f} ms/image (CPU)")
-        print(f"(c) paste, 10 cut-outs, region-wise     {1e3 * med['c']:7.2f} ms/image (CPU) "
+        b_total, e_total = med["b"] + sampler_s["b"], med["e"] + sampler_s["e"]
+        print(f"(a)  detectron2 DatasetMapper, same images as (b) {1e3 * med['a']:7.2f} ms/image (CPU)")
+        print(f"(a0) detectron2 DatasetMapper, real images     {1e3 * med['a0']:7.2f} ms/image (CPU)")
+        print(f"(b)  ratio 0.5 image mode ({syn_frac:.2f} synth)          {1e3 * med['b']:7.2f} ms/image (CPU) "
+              f"+ sampler {1e6 * sampler_s['b']:.1f} us")
+        print(f"(c)  paste, 10 cut-outs, region-wise            {1e3 * med['c']:7.2f} ms/image (CPU) "
               f"({np.mean(pasted):.1f} pasted instances kept)")
-        print(f"(d) X-Paste-style full-canvas paste     {1e3 * med['d']:7.2f} ms/image (CPU)")
-        res = {"a_ms": 1e3 * med["a"], "b_ms": 1e3 * med["b"], "c_ms": 1e3 * med["c"], "d_ms": 1e3 * med["d"],
-               "b_over_a": med["b"] / med["a"], "c_over_a": med["c"] / med["a"], "d_over_c": med["d"] / med["c"],
-               "targets": {"b_over_a": 1.10, "c_over_a": 1.5, "d_over_c": 3.0}, "mask_format": "polygon",
-               "images_per_mode": n, "timing": "process CPU time", "wall_ms": wall_ms}
-        res["targets_met"] = bool(res["b_over_a"] <= 1.10 and res["c_over_a"] <= 1.5 and res["d_over_c"] >= 3.0)
+        print(f"(d)  X-Paste-style full-canvas paste            {1e3 * med['d']:7.2f} ms/image (CPU)")
+        print(f"(e)  exact + grouping ({syn_frac_e:.2f} synth)             {1e3 * med['e']:7.2f} ms/image (CPU) "
+              f"+ sampler {1e6 * sampler_s['e']:.1f} us")
+        print(f"exactness over 10,000 batches of {batch}: {exact_detail}")
+        res = {"a_ms": 1e3 * med["a"], "a0_ms": 1e3 * med["a0"], "b_ms": 1e3 * med["b"], "c_ms": 1e3 * med["c"],
+               "d_ms": 1e3 * med["d"], "e_ms": 1e3 * med["e"], "sampler_us": {k: round(1e6 * v, 2) for k, v in sampler_s.items()},
+               "b_over_a": med["b"] / med["a"], "c_over_a": med["c"] / med["a0"], "d_over_c": med["d"] / med["c"],
+               "e_over_b": e_total / b_total, "exact_batches_frac": exact_frac, "synth_frac_error": frac_err,
+               "targets": {"b_over_a": 1.10, "c_over_a": 1.3, "d_over_c": 3.0, "e_over_b": 1.05,
+                           "exact_batches_frac": 1.0, "synth_frac_error": 0.001},
+               "mask_format": "polygon", "batch_size": batch, "images_per_mode": count, "timing": "process CPU time",
+               "wall_ms": wall_ms}
+        res["targets_met"] = bool(res["b_over_a"] <= 1.10 and res["c_over_a"] <= 1.3 and res["d_over_c"] >= 3.0
+                                  and res["e_over_b"] <= 1.05 and exact_frac == 1.0 and frac_err <= 0.001)
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()}))
     finally:
         if not args.workdir:
