@@ -7,6 +7,10 @@ Record fields: ``key`` (generation key of the work unit), ``unit``, ``candidate_
 ``category_id``, ``bbox`` (tight absolute XYWH box of the mask), ``layout_bbox`` (absolute XYWH), ``segmentation``
 (compressed COCO RLE, string ``counts``, ``size = [height, width]``), ``area``, ``clis_i``. Unscored values are
 ``null`` in a record and NaN in the index.
+
+One provenance field is checked here: ``shapes_truth`` (written only by the Shapes generator) is
+``{"failures": [...]}`` with one entry per scene-graph object, ``null`` when the object was drawn as asked, else the
+failure's name; only ``ACP.SELECT oracle`` reads it (acp_data/cache/truth.py).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ IMAGE_FORMATS = {"jpg": b"\xff\xd8\xff", "png": b"\x89PNG\r\n\x1a\n", "webp": b"
 _REQUIRED = ("key", "unit", "candidate_idx", "seed", "scene_graph", "width", "height", "clis_l", "clis_i",
              "selected", "provenance", "instances")
 _BOX_TOL = 0.5
+SHAPES_TRUTH = "shapes_truth"
 
 
 def image_format(data: bytes) -> str | None:
@@ -115,6 +120,8 @@ def validate_record(record: dict[str, Any], image_bytes: bytes, categories: Cate
     rec["clis_i"] = _score(rec["clis_i"], f"{where}: clis_i")
     if not isinstance(rec["scene_graph"], dict) or not isinstance(rec["provenance"], dict):
         raise CacheError(f"{where}: scene_graph and provenance must be dicts (SceneGraph.to_dict())")
+    if SHAPES_TRUTH in rec["provenance"]:
+        _check_truth(rec["provenance"][SHAPES_TRUTH], rec["scene_graph"], where)
     fmt = image_format(image_bytes)
     if fmt is None:
         raise CacheError(f"{where}: image bytes are not JPEG, PNG or WebP (first bytes {bytes(image_bytes[:8])!r})")
@@ -178,6 +185,17 @@ def validate_record(record: dict[str, Any], image_bytes: bytes, categories: Cate
             raise CacheError(f"{iw}: area {inst['area']} is not the mask's pixel count {area}")
     rec["instances"] = instances
     return rec
+
+
+def _check_truth(truth: Any, scene_graph: dict[str, Any], where: str) -> None:
+    """``provenance.shapes_truth``: ``{"failures": [null | str, ...]}`` with one entry per scene-graph object."""
+    objects = scene_graph.get("objects")
+    n = len(objects) if isinstance(objects, list) else None
+    failures = truth.get("failures") if isinstance(truth, dict) else None
+    if (not isinstance(failures, list) or len(failures) != n
+            or any(f is not None and not (isinstance(f, str) and f) for f in failures)):
+        raise CacheError(f"{where}: provenance.{SHAPES_TRUTH} must be {{'failures': [...]}} with one entry (null or a "
+                         f"failure name) per scene-graph object ({n}), got {truth!r}")
 
 
 def _mask_stats(coco: list[dict[str, Any]], where: str) -> tuple[list[float], list[list[float]]]:

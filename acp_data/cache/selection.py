@@ -7,7 +7,9 @@ API" says which keys act at prebuild time and which here):
    N from the stored scores with the load-time ``min_clis_l`` (``acp_data.clis.select.best_of_n``, the prebuild's
    own rule), ``stored`` takes the stored ``selected`` flag (what the prebuild or the last rescore chose, with their
    thresholds), ``random`` one candidate per unit drawn from a hash of ``(seed, key)``, ``first`` the lowest stored
-   ``candidate_idx`` (candidate 0 when all candidates are stored), ``all`` every candidate;
+   ``candidate_idx`` (candidate 0 when all candidates are stored), ``all`` every candidate, ``oracle`` (Shapes caches
+   only) the candidate with the fewest objects the generator drew wrong (its recorded truth, acp_data/cache/truth.py;
+   ties by a hash of ``(seed, key)``) and its wrongly drawn instances dropped like rule 5's;
 3. ``min_clis_l`` drops samples (an unscored value passes only a threshold of 0);
 4. ``category_ids`` with ``categories_apply_to="samples"`` (default) keeps the samples whose unit was drawn for one of
    those categories (its target, ``acp_data.cache.targets``); every instance of a kept sample keeps its label;
@@ -45,11 +47,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-SELECT_MODES = ("clis", "stored", "random", "first", "all")
+SELECT_MODES = ("clis", "stored", "random", "first", "all", "oracle")
 MIN_CLIS_I_RULES = ("absolute", "per_category")
 CATEGORIES_APPLY_TO = ("samples", "instances")
-DROP_MIN_CLIS_I, DROP_CATEGORY = 0, 1  # SelectionResult.drop_reason
-DROP_REASONS = ("min_clis_i", "category")
+DROP_MIN_CLIS_I, DROP_CATEGORY, DROP_ORACLE = 0, 1, 2  # SelectionResult.drop_reason
+DROP_REASONS = ("min_clis_i", "category", "generator_truth")
 _GOLDEN = np.uint64(GOLDEN)
 
 
@@ -350,6 +352,28 @@ def honour_warnings(readers: Sequence[Any], sel: Selection) -> list[str]:
     return out
 
 
+def _oracle(readers: Sequence[Any], kh: np.ndarray, ci: np.ndarray, keep: np.ndarray,
+            seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``SELECT oracle``: per unit the candidate with the fewest failed objects (ties by a hash of ``(seed, key,
+    candidate)``), and the failed flag of every instance; a cache without the generator's truth is an error."""
+    from .truth import NO_TRUTH, sample_truth
+
+    fails, flags = [], []
+    for i, r in enumerate(readers):
+        f, g = sample_truth(r)
+        if len(f) and (f == NO_TRUTH).any():
+            raise SelectionError(f"ACP.SELECT = 'oracle' needs the generator's truth of every sample (provenance."
+                                 f"shapes_truth, recorded only by the Shapes generator), but cache "
+                                 f"{getattr(r, 'cache_dir', i)} has {int((f == NO_TRUTH).sum())} of {len(f)} samples "
+                                 "without it; oracle selection exists only for Shapes caches: choose another "
+                                 "ACP.SELECT")
+        fails.append(f)
+        flags.append(g)
+    fail = np.concatenate(fails).astype(np.uint64) if fails else np.zeros(0, np.uint64)
+    order_key = (fail << np.uint64(40)) | (candidate_hash(seed, kh, ci, salt=3) >> np.uint64(24))
+    return _one_per_unit(kh, order_key, keep), (np.concatenate(flags) if flags else np.zeros(0, dtype=bool))
+
+
 def select(readers: CacheReader | IndexColumns | Sequence[CacheReader | IndexColumns],
            selection: Selection | None = None, return_masks: bool = False) -> SelectionResult:
     """Apply ``selection`` (default: ``Selection()``) to the caches; see the module docstring for the rules."""
@@ -411,6 +435,9 @@ def select(readers: CacheReader | IndexColumns | Sequence[CacheReader | IndexCol
         keep = _one_per_unit(kh, ci, keep)
     elif sel.select == "random":
         keep = _one_per_unit(kh, candidate_hash(sel.seed, kh, ci, salt=1), keep)
+    inst_failed = np.zeros(m, dtype=bool)
+    if sel.select == "oracle":
+        keep, inst_failed = _oracle(readers, kh, ci, keep, sel.seed)
     stats["after_select"] = int(keep.sum())
 
     # 3. CLIS-L on samples
@@ -455,6 +482,10 @@ def select(readers: CacheReader | IndexColumns | Sequence[CacheReader | IndexCol
     considered = int(inst_keep.sum())
     inst_keep &= passes_i
     stats["dropped_min_clis_i"] = considered - int(inst_keep.sum())
+    if sel.select == "oracle":
+        before = int(inst_keep.sum())
+        inst_keep &= ~inst_failed
+        stats["dropped_oracle"] = before - int(inst_keep.sum())
     stats["starved_categories"], starved = _starved(cids, keep[inst_sample], inst_keep, sel, categories)
     if starved:
         warn(starved)
@@ -511,7 +542,8 @@ def select(readers: CacheReader | IndexColumns | Sequence[CacheReader | IndexCol
         inst_category_id=cids[kept_inst].astype(np.int32), selection=sel,
         drop_offsets=drop_offsets, drop_row=drop_row, drop_local=drop_local,
         drop_category_id=cids[drop_inst].astype(np.int32),
-        drop_reason=np.where(passes_i[drop_inst], DROP_CATEGORY, DROP_MIN_CLIS_I).astype(np.int8),
+        drop_reason=np.where(inst_failed[drop_inst] & passes_i[drop_inst], DROP_ORACLE,
+                             np.where(passes_i[drop_inst], DROP_CATEGORY, DROP_MIN_CLIS_I)).astype(np.int8),
         stats=stats, warnings=warnings, min_clis_i_by_category=thresholds,
     )
     if return_masks:

@@ -18,7 +18,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "configs"  # a bare --config name is looked up here
 
 MIX_MODES = ("ratio", "concat", "paste", "ratio+paste")
-SELECTORS = ("clis", "stored", "random", "first", "all")
+SELECTORS = ("clis", "stored", "random", "first", "all", "oracle")  # oracle: Shapes caches only (generator truth)
 MIN_CLIS_I_RULES = ("absolute", "per_category")
 CATEGORIES_APPLY_TO = ("samples", "instances")
 BOX_MODES = ("mask", "layout")

@@ -192,6 +192,7 @@ class _Runner:
         self.layout_settings = json_safe(layout.settings()) if layout is not None else None
         self.tool = {"name": "acp-data", "version": __version__}
         self.generator_name = stage_name(c, "generator")
+        self._candidate_provenance: dict[str, list[dict[str, Any]]] = {}  # by key, from generate_with_provenance
 
     # -- stages ------------------------------------------------------------------------------------------------------
     def _unit_failed(self, stage: str, unit: WorkUnit, key: str, error: Exception) -> None:
@@ -199,6 +200,7 @@ class _Runner:
         retried by the next run. Contract violations (``PrebuildError``) are never swallowed."""
         if isinstance(error, PrebuildError):
             raise error
+        self._candidate_provenance.pop(key, None)
         st = self.stats
         st.errors += 1
         st.rejections[stage][f"error:{type(error).__name__}"] += 1
@@ -234,7 +236,11 @@ class _Runner:
         st = self.stats
         with _Timer(st, "generate"):
             try:
-                images = self.prep.generator.generate(scene, self.n, unit.seed)
+                gen = self.prep.generator
+                if hasattr(gen, "generate_with_provenance"):  # a generator that records what it drew (Shapes)
+                    images, self._candidate_provenance[key] = gen.generate_with_provenance(scene, self.n, unit.seed)
+                else:
+                    images = gen.generate(scene, self.n, unit.seed)
             except TooManyBoxes as e:
                 st.rejections["generate"][e.reason] += 1
                 st.empty_units[key] = e.reason
@@ -338,6 +344,7 @@ class _Runner:
         scene = w.plan.scene
         scene_dict = scene.to_dict()
         prov = self._provenance(w)
+        extra = self._candidate_provenance.pop(w.key, None)
         records, blobs = [], []
         for c, (cand, sc) in enumerate(zip(w.candidates, scores)):
             if self.keep == "selected" and c != selected:
@@ -358,7 +365,8 @@ class _Runner:
                 "key": w.key, "unit": int(w.unit.index), "candidate_idx": c, "seed": int(w.unit.seed),
                 "target": int(w.unit.target), "combo": [int(x) for x in w.unit.combo], "scene_graph": scene_dict,
                 "width": int(wd), "height": int(h), "clis_l": w.clis_l, "clis_i": _score_or_none(sc.image),
-                "selected": c == selected, "provenance": prov, "instances": instances,
+                "selected": c == selected, "provenance": {**prov, **extra[c]} if extra else prov,
+                "instances": instances,
             })
             blobs.append(_encode_image(cand.image, self.fmt, self.quality))
             self.stats.instances_stored += len(instances)

@@ -3,8 +3,11 @@ diffusion models make at configurable per-object rates.
 
 Failures (at most one per object, drawn independently per object and candidate): ``wrong_colour``, ``wrong_shape``,
 ``missing`` (not drawn), ``merged`` (drawn in a neighbour's colour and fused to it by a band), ``offbox`` (shifted
-half a box or more), ``smear`` (warped, motion-blurred, faded). What was drawn never reaches the pipeline:
-``generate`` returns images only; ``generate_with_truth`` exposes masks and failure labels for tests and studies.
+half a box or more), ``smear`` (warped, motion-blurred, faded). What was drawn never reaches the scorer or any
+selection rule but the oracle: ``generate_with_provenance`` (what the prebuild calls) returns the images and, per
+candidate, the provenance field ``shapes_truth`` (the failure of each scene object, in scene order), which only
+``ACP.SELECT oracle`` reads (acp_data/cache/truth.py); ``generate_with_truth`` also exposes the masks, for tests and
+studies.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from .render import (
 from .world import parse_category
 
 GENERATOR_VERSION = 1
+TRUTH_FIELD = "shapes_truth"  # the provenance field (acp_data/cache/records.py validates it)
 FAILURES = ("wrong_colour", "wrong_shape", "missing", "merged", "offbox", "smear")
 DEFAULTS: dict[str, Any] = {
     "p_wrong_colour": 0.10, "p_wrong_shape": 0.10, "p_missing": 0.05, "p_merged": 0.05, "p_offbox": 0.05,
@@ -134,6 +138,14 @@ class ShapesGenerator(Generator):
 
     def generate(self, scene: SceneGraph, n: int, seed: int) -> list[np.ndarray]:
         return [d.image for d in self.generate_with_truth(scene, n, seed)]
+
+    def generate_with_provenance(self, scene: SceneGraph, n: int,
+                                 seed: int) -> tuple[list[np.ndarray], list[dict[str, Any]]]:
+        """``n`` candidates and, per candidate, ``{"shapes_truth": {"failures": [...]}}``: each scene object's failure
+        (None when drawn as asked), in the order of ``scene.objects``; the prebuild adds it to the record's
+        provenance."""
+        drawn = self.generate_with_truth(scene, n, seed)
+        return [d.image for d in drawn], [{TRUTH_FIELD: {"failures": list(d.failures)}} for d in drawn]
 
     def generate_with_truth(self, scene: SceneGraph, n: int, seed: int) -> list[DrawnImage]:
         """``n`` candidates; candidate ``k`` depends only on (scene, seed, k), so it is the same for any ``n``."""
