@@ -1,7 +1,7 @@
 """``acp-data shapes``: commands of the embedded Shapes world.
 
     acp-data shapes build --out DIR [--seed S] [--size small|demo] [--force]
-    acp-data shapes judge --world DIR --out DIR [--steps N] [--seed S] [--threads T] [--force]
+    acp-data shapes judge --world DIR --out DIR [--variant web|in_domain] [--steps N] [--seed S] [--threads T] [--force]
 
 Each subcommand is one ``_add_<name>(subparsers)`` function that declares its arguments and sets ``func``; adding a
 command is adding one such function to ``SUBCOMMANDS``.
@@ -46,17 +46,21 @@ def _run_build(args: argparse.Namespace) -> int:
 
 
 def _add_judge(sub: argparse._SubParsersAction) -> None:
-    from .judge import JudgeOptions
+    from .judge import VARIANTS, JudgeOptions
 
     d = JudgeOptions()
-    p = sub.add_parser("judge", help="train the open_clip judge on a built world (cached; local-dir checkpoint)",
-                       description="Train a small open_clip model on the world's real training images and save it "
-                                   "as an open_clip local-dir checkpoint (open_clip_config.json + "
-                                   "open_clip_model.safetensors) under --out, for the clip CLIS-I scorer "
+    p = sub.add_parser("judge", help="train the open_clip judge for a built world (cached; local-dir checkpoint)",
+                       description="Train a small open_clip model on its web corpus (every category in equal "
+                                   "amounts, variant web) or on the world's real training images (variant "
+                                   "in_domain) and save it as an open_clip local-dir checkpoint "
+                                   "(open_clip_config.json + open_clip_model.safetensors) under --out, for the clip CLIS-I scorer "
                                    "(scorer option model: local-dir:OUT). Retrains only when the world or the "
                                    "options change.")
     p.add_argument("--world", required=True, help="a world built by `acp-data shapes build`")
     p.add_argument("--out", required=True, help="output directory (replaced only if it holds a judge)")
+    p.add_argument("--variant", default=d.variant, choices=VARIANTS,
+                   help=f"training data: web (the judge's own web corpus) or in_domain (the world's real training "
+                        f"images); default {d.variant}")
     p.add_argument("--steps", type=int, default=d.steps, help=f"training steps (default {d.steps})")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -70,7 +74,8 @@ def _run_judge(args: argparse.Namespace) -> int:
 
     from .judge import STAMP_NAME, JudgeOptions, train_judge
 
-    spec = train_judge(args.world, args.out, JudgeOptions(steps=args.steps, seed=args.seed), force=args.force,
+    opts = JudgeOptions(steps=args.steps, seed=args.seed, variant=args.variant)
+    spec = train_judge(args.world, args.out, opts, force=args.force,
                        progress=not args.no_progress, threads=args.threads)
     stamp = json.loads((Path(args.out) / STAMP_NAME).read_text())
     print(json.dumps({"model": spec, "metrics": stamp.get("metrics"), "train_seconds": stamp.get("train_seconds")},

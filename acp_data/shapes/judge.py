@@ -1,5 +1,11 @@
-"""The Shapes judge: a small open_clip model trained from scratch on the world's real images, saved as an open_clip
-``local-dir`` checkpoint that the ``clip`` CLIS-I scorer loads exactly as it loads a real CLIP.
+"""The Shapes judge: a small open_clip model trained from scratch, saved as an open_clip ``local-dir`` checkpoint that
+the ``clip`` CLIS-I scorer loads exactly as it loads a real CLIP.
+
+Two variants (``JudgeOptions.variant``): ``web`` (default) trains on the judge's own web corpus
+(``acp_data.shapes.webcorpus``: every category in about equal amounts, styles of its own, some caption noise), as a
+real CLIP learned its words from web data and so knows rare categories; ``in_domain`` trains on the world's real
+training images, where a rare category has 1-10 images, which is the real-world failure of a scorer that has not
+seen a category (docs/design.md "The Shapes world").
 
 It learns what the scorer asks: instance views (box crop, box in dimmed context) against one prompt per category
 ("a photo of a red star."), with categories sampled evenly (rare ones have one or two crops: augmentation makes up
@@ -39,6 +45,7 @@ from .judge_data import (
     load_instances,
     permute_colours,
 )
+from .webcorpus import WebOptions, web_corpus
 from .world import load_world, parse_category
 
 logger = logging.getLogger(__name__)
@@ -60,6 +67,7 @@ STD = (0.26862954, 0.26130258, 0.27577711)
 PREPROCESS_CFG: dict[str, Any] = {"mean": list(MEAN), "std": list(STD), "interpolation": "bicubic",
                                   "resize_mode": "shortest"}
 EVAL_TEMPLATE = "a photo of a {}."  # the clip scorer's default template
+VARIANTS = ("web", "in_domain")
 
 
 @dataclass(frozen=True)
@@ -76,8 +84,13 @@ class JudgeOptions:
     aux_heads: bool = True
     weight_decay: float = 0.02
     seed: int = 0
+    variant: str = "web"  # web: the web corpus; in_domain: the world's real training images
+    web: WebOptions = WebOptions()
 
     def validate(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"judge variant {self.variant!r} is not one of {', '.join(VARIANTS)}")
+        self.web.validate()
         for k in ("steps", "batch_instances"):
             if getattr(self, k) < 1:
                 raise ValueError(f"judge option {k} = {getattr(self, k)} must be >= 1")
@@ -317,6 +330,16 @@ def _read_stamp(out: Path) -> dict[str, Any] | None:
         return None
 
 
+def training_instances(train_json: Path, image_root: Path, opts: JudgeOptions) -> Instances:
+    """What the judge trains on: the web corpus for the world's category names (``web``; nothing from the world's
+    images) or the world's real training split (``in_domain``)."""
+    if opts.variant == "in_domain":
+        return load_instances(train_json, image_root)
+    data = json.loads(Path(train_json).read_text())
+    names = [c["name"] for c in sorted(data["categories"], key=lambda c: c["id"])]
+    return web_corpus(names, seed=opts.seed, opts=opts.web)
+
+
 def train_judge(world_dir: str | os.PathLike, out_dir: str | os.PathLike, opts: JudgeOptions | None = None,
                 force: bool = False, progress: bool = True, threads: int | None = None) -> str:
     """Train the judge on a built world (or reuse the cached one) and return its ``local-dir:PATH`` spec.
@@ -347,7 +370,7 @@ def train_judge(world_dir: str | os.PathLike, out_dir: str | os.PathLike, opts: 
             torch.set_num_threads(int(threads))
         try:
             t0 = time.time()
-            train = load_instances(world.train_json, world.image_root)
+            train = training_instances(world.train_json, world.image_root, opts)
             model = train_judge_model(train, opts, progress=progress)
             seconds = time.time() - t0
             import open_clip
