@@ -3,6 +3,7 @@
 
     python benchmarks/longtail_ablation.py                        # the default Shapes grid (about 75 min, 2 cores)
     python benchmarks/longtail_ablation.py --grid full            # 3 seeds everywhere, + instance thresholds 0, 60
+    python benchmarks/longtail_ablation.py --grid final --world-seed 1   # the held-out table (about 2 h, 2 cores)
     python benchmarks/longtail_ablation.py --grid my_grid.yaml    # any configs (e.g. the LVIS ones)
     python benchmarks/longtail_ablation.py --also mine=configs/shapes/acp.yaml:ACP.MIN_CLIS_I=0.0   # grid + a group
     python benchmarks/longtail_ablation.py --run base=configs/lvis_baseline_12ep.yaml \\
@@ -16,7 +17,18 @@ on its caches (used for ``ACP.MAX_IMAGES``: "as many images as the filtered run"
 ``ablation.csv`` (one row per run, with timings), ``report.md`` / ``report.csv`` / ``groups.csv`` / PNG plots from
 ``acp-data report`` (mean +- std over seeds) and ``ablation.md`` (the command and the group table). The last line on
 stdout is one JSON object: ``apr_baseline``, ``apr_unfiltered``, ``apr_filtered`` (segm APr means of the groups so
-named), ``apr_std`` (the largest seed std of those three), and every group's means and stds.
+named), ``apr_oracle``, ``apr_std`` (the largest seed std of those four), ``ap_*`` of the same groups, ``gap_closed``
+(``(filtered - unfiltered) / (oracle - unfiltered)`` of segm APr), ``seeds`` (the fewest seeds of those groups),
+``world_seed`` (the Shapes world the runs trained and evaluated on) and every group's means and stds; the same line
+is ``results.json`` in ``--results``.
+
+``--world-seed N`` builds (or reuses) a held-out world with another seed and the same sizes, with its own priors,
+judge and cache, under ``output/ablation/worldN`` (runs in ``output/ablation/worldN/runs``). The ``final`` grid is
+the held-out table of docs/design.md "The Shapes world": baseline, unfiltered, filtered and oracle
+(``configs/shapes/oracle.yaml``: the candidate with the fewest failures by the generator's truth, ``@match:filtered``
+images) with 3 seeds; with one seed each, filtered under the ``ACP.DROPPED_INSTANCES`` policies acp.yaml does not use,
+and filtered on a copy of the cache rescored by the ``in_domain`` judge (``filtered_in_domain``). Its tables go to
+``benchmarks/results/heldout/`` (the committed seed-0 tables stay as they are).
 
 The default Shapes grid (inputs built or reused under ``--shapes-dir`` as by ``python -m acp_data.shapes.demo``):
 
@@ -61,7 +73,7 @@ from acp_data.shapes.jobs import TrainJob, child_env, read_json, seconds_per_ite
 MATCH_PREFIX = "@match:"
 TASKS = ("segm", "bbox")
 METRICS = ("AP", "APr", "APc", "APf")
-HEADLINE = ("baseline", "unfiltered", "filtered")
+HEADLINE = ("baseline", "unfiltered", "filtered", "oracle")
 DEFAULT_SEEDS = (1, 2)
 FULL_SEEDS = (1, 2, 3)
 RATIOS = (0.1, 0.25, 0.5)
@@ -195,6 +207,30 @@ def shapes_grid(paths: DemoPaths, clip_cache: Path, full: bool = False) -> list[
         specs.append(RunSpec(f"ratio_{r}", str(CONFIG_DIR / "acp.yaml"),
                              {"ACP.CACHE_DIRS": cache, "ACP.MIX_MODE": "ratio", "ACP.SYNTH_RATIO": str(r)},
                              seeds if full else seeds[:1]))
+    return specs
+
+
+def final_grid(paths: DemoPaths, in_domain_cache: Path, filtered_policy: str) -> list[RunSpec]:
+    """The held-out table (module docstring): baseline, unfiltered, filtered, oracle with 3 seeds; filtered with the
+    other dropped-instance policies and with the in_domain judge's scores, one seed each (15 runs)."""
+    from acp_data.d2.config import DROPPED_POLICIES
+
+    seeds = FULL_SEEDS
+    cache = json.dumps([str(paths.cache)])
+    match = f"{MATCH_PREFIX}filtered"
+    specs = [
+        RunSpec("baseline", str(CONFIG_DIR / "baseline.yaml"), {}, seeds),
+        RunSpec("unfiltered", str(CONFIG_DIR / "acp_unfiltered.yaml"),
+                {"ACP.CACHE_DIRS": cache, "ACP.MAX_IMAGES": match}, seeds),
+        RunSpec("filtered", str(CONFIG_DIR / "acp.yaml"), {"ACP.CACHE_DIRS": cache}, seeds),
+        RunSpec("oracle", str(CONFIG_DIR / "oracle.yaml"), {"ACP.CACHE_DIRS": cache, "ACP.MAX_IMAGES": match}, seeds),
+    ]
+    for policy in DROPPED_POLICIES:
+        if policy != filtered_policy:
+            specs.append(RunSpec(f"filtered_{policy}", str(CONFIG_DIR / "acp.yaml"),
+                                 {"ACP.CACHE_DIRS": cache, "ACP.DROPPED_INSTANCES": policy}, seeds[:1]))
+    specs.append(RunSpec("filtered_in_domain", str(CONFIG_DIR / "acp.yaml"),
+                         {"ACP.CACHE_DIRS": json.dumps([str(in_domain_cache)])}, seeds[:1]))
     return specs
 
 
@@ -430,8 +466,17 @@ def group_stats(runs: Sequence[PlannedRun]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def headline(groups: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The last line's JSON: segm APr of baseline / unfiltered / filtered, their largest seed std, all groups."""
+def gap_closed(unfiltered: float | None, filtered: float | None, oracle: float | None) -> float | None:
+    """``(filtered - unfiltered) / (oracle - unfiltered)``: the share of the gap between random choice and the
+    generator-truth oracle that the filter closes; None without the three or when the oracle is no better."""
+    if unfiltered is None or filtered is None or oracle is None or oracle - unfiltered <= 1e-9:
+        return None
+    return round((filtered - unfiltered) / (oracle - unfiltered), 3)
+
+
+def headline(groups: dict[str, dict[str, Any]], world_seed: int | None = None) -> dict[str, Any]:
+    """The last line's JSON: segm APr and AP of baseline / unfiltered / filtered / oracle, their largest seed std,
+    ``gap_closed``, ``seeds``, ``world_seed``, all groups."""
     def get(name: str, key: str) -> float | None:
         v = groups.get(name, {}).get(key)
         return None if v is None else round(float(v), 2)
@@ -440,13 +485,20 @@ def headline(groups: dict[str, dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {f"apr_{n}": get(n, "segm_APr_mean") for n in HEADLINE}
     out["apr_std"] = max(stds) if stds else None
     out.update({f"ap_{n}": get(n, "segm_AP_mean") for n in HEADLINE})
+    mean = {n: (groups.get(n) or {}).get("segm_APr_mean") for n in ("unfiltered", "filtered", "oracle")}
+    out["gap_closed"] = gap_closed(mean["unfiltered"], mean["filtered"], mean["oracle"])
+    counts = [len(groups[n]["seeds"]) for n in HEADLINE if n in groups]
+    out["seeds"] = min(counts) if counts else None
+    out["world_seed"] = world_seed
     out["groups"] = {n: {k: (round(v, 2) if isinstance(v, float) else v) for k, v in g.items()}
                      for n, g in groups.items()}
     return out
 
 
-def write_results(runs: Sequence[PlannedRun], results: Path, command: str, elapsed_s: float) -> dict[str, Any]:
-    """``ablation.csv``, ``acp-data report`` outputs and ``ablation.md`` in ``results``; returns the headline."""
+def write_results(runs: Sequence[PlannedRun], results: Path, command: str, elapsed_s: float,
+                  world_seed: int | None = None) -> dict[str, Any]:
+    """``ablation.csv``, ``acp-data report`` outputs, ``ablation.md`` and ``results.json`` (the headline) in
+    ``results``; returns the headline."""
     from acp_data.report import make_report
 
     results.mkdir(parents=True, exist_ok=True)
@@ -470,7 +522,7 @@ def write_results(runs: Sequence[PlannedRun], results: Path, command: str, elaps
     if done:
         make_report([r.run_dir for r in done], results, labels={r.name: r.spec.name for r in done})
     groups = group_stats(runs)
-    head = headline(groups)
+    head = headline(groups, world_seed)
     lines = ["# Long-tail ablation", "", "Command:", "", f"    {command}", "",
              f"{len(done)} of {len(runs)} runs have metrics ({sum(r.status == 'trained' for r in runs)} trained by this "
              f"invocation, the others found finished); this invocation took {elapsed_s / 60:.1f} min.", ""]
@@ -487,6 +539,7 @@ def write_results(runs: Sequence[PlannedRun], results: Path, command: str, elaps
         lines.append("")
     lines += ["Headline:", "", "```json", json.dumps({k: v for k, v in head.items() if k != "groups"}), "```", ""]
     (results / "ablation.md").write_text("\n".join(lines))
+    atomic_write_text(results / "results.json", json.dumps({k: v for k, v in head.items() if k != "groups"}) + "\n")
     return head
 
 
@@ -495,39 +548,71 @@ def _round(v: float | None) -> float | None:
 
 
 # ----- Shapes inputs ------------------------------------------------------------------------------------------------------
-def prepare_shapes(shapes_dir: Path, progress: bool) -> tuple[DemoPaths, Path]:
-    """The demo's world, priors, judge and cache (built or reused), and the CLIP-only copy of the cache: rescored with
-    the judge's whole-image score alone (``global_weight 1``, ``instance_weight 0``) and no instance threshold, so
-    its ``selected`` flag is the best candidate by CLIP image-caption score."""
+def rescored_copy(paths: DemoPaths, name: str, source_fp: str, judge_fp: str, rescore_args: list[str],
+                  progress: bool) -> Path:
+    """A copy of the cache ``paths.out/name`` (made again when the cache or the judge changed), rescored with
+    ``acp-data rescore`` and ``rescore_args`` (resumable: shards already rescored with these settings are skipped)."""
     from acp_data.clis.rescore import cli_main as rescore_main
 
-    paths = DemoPaths(shapes_dir.absolute())
-    inputs = prepare_inputs(paths, threads=None, progress=progress)
-    clip = paths.out / "cache_clip_only"
-    stamp = paths.out / "cache_clip_only.stamp.json"
-    want = {"source": inputs.fingerprint["cache"], "judge": inputs.fingerprint["judge"]}
-    if clip.exists() and read_json(stamp) != want:
-        shutil.rmtree(clip)
-    if not clip.exists():
-        tmp = paths.out / ".cache_clip_only.tmp"
+    copy = paths.out / name
+    stamp = paths.out / f"{name}.stamp.json"
+    want = {"source": source_fp, "judge": judge_fp}
+    if copy.exists() and read_json(stamp) != want:
+        shutil.rmtree(copy)
+    if not copy.exists():
+        tmp = paths.out / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(paths.cache, tmp)
-        os.rename(tmp, clip)
+        os.rename(tmp, copy)
         atomic_write_json(stamp, want, default=str)
-    args = [str(clip), "--scorer", "clip", "--set", f"model={inputs.judge_spec}", "--set", "global_weight=1",
-            "--set", "instance_weight=0", "--min-clis-i", "0", "--min-clis-l", "0"]
-    if not progress:
-        args.append("--no-progress")
-    if rescore_main(args) != 0:  # resumable: shards already rescored with these settings are skipped
-        raise AblationError(f"rescoring the CLIP-only copy {clip} failed (see above)")
-    return paths, clip
+    args = [str(copy), "--scorer", "clip", *rescore_args] + ([] if progress else ["--no-progress"])
+    if rescore_main(args) != 0:
+        raise AblationError(f"rescoring the copy {copy} failed (see above)")
+    return copy
+
+
+def prepare_shapes(shapes_dir: Path, progress: bool, world_seed: int = 0,
+                   in_domain: bool = False) -> tuple[DemoPaths, Path, Path | None]:
+    """The world (seed ``world_seed``), priors, judge and cache (built or reused, as the demo builds them), the
+    CLIP-only copy of the cache (rescored with the judge's whole-image score alone, ``global_weight 1``,
+    ``instance_weight 0``, no instance threshold: its ``selected`` flag is the best candidate by CLIP image-caption
+    score) and with ``in_domain`` a copy rescored by the ``in_domain`` judge (trained on the world's real images)
+    with the prebuild's scorer settings."""
+    from acp_data.shapes.demo import file_sha256
+    from acp_data.shapes.judge import JudgeOptions, train_judge
+
+    paths = DemoPaths(shapes_dir.absolute())
+    inputs = prepare_inputs(paths, world_seed=world_seed, threads=None, progress=progress)
+    fp = inputs.fingerprint
+    clip = rescored_copy(paths, "cache_clip_only", fp["cache"], fp["judge"],
+                         ["--set", f"model={inputs.judge_spec}", "--set", "global_weight=1", "--set",
+                          "instance_weight=0", "--min-clis-i", "0", "--min-clis-l", "0"], progress)
+    if not in_domain:
+        return paths, clip, None
+    spec = train_judge(paths.world, paths.out / "judge_in_domain", JudgeOptions(variant="in_domain"),
+                       progress=progress)
+    config = (read_json(paths.cache_stamp) or {}).get("config") or {}  # the prebuild config the cache was built from
+    scorer = {k: v for k, v in (config.get("scorer") or {}).items() if k != "name"}
+    sets: list[str] = []
+    for k, v in {**scorer, "model": spec}.items():
+        sets += ["--set", f"{k}={v if isinstance(v, str) else json.dumps(v)}"]
+    sel = config.get("selection") or {}
+    sets += ["--min-clis-i", str(sel.get("min_clis_i", 0)), "--min-clis-l", str(sel.get("min_clis_l", 0))]
+    judge_fp = file_sha256(paths.out / "judge_in_domain" / "open_clip_model.safetensors")
+    return paths, clip, rescored_copy(paths, "cache_in_domain", fp["cache"], judge_fp, sets, progress)
+
 
 
 # ----- main -------------------------------------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--grid", default=None, help="'default' or 'full' (the Shapes grids) or a YAML grid file")
+    p.add_argument("--grid", default=None,
+                   help="'default', 'full' or 'final' (the Shapes grids; final: the held-out table) or a YAML grid "
+                        "file")
+    p.add_argument("--world-seed", type=int, default=0,
+                   help="Shapes world seed (default 0, the demo's world); another seed builds a held-out world of the "
+                        "same sizes under output/ablation/worldN")
     p.add_argument("--run", action="append", default=[], metavar="NAME=CONFIG[:KEY=VAL,...]",
                    help="a run group (repeatable); replaces the default grid")
     p.add_argument("--also", action="append", default=[], metavar="NAME=CONFIG[:KEY=VAL,...]",
@@ -535,10 +620,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default=None, help="comma-separated seeds for every run (default: the grid's, 1,2)")
     p.add_argument("--iters", type=int, default=None, help="SOLVER.MAX_ITER of every run (warmup: 10 %%)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
-    p.add_argument("--out", default="output/ablation/runs",
-                   help="run directories NAME_seedS (checkpoints: kept out of git)")
-    p.add_argument("--results", default="benchmarks/results", help="tables, CSVs and plots")
-    p.add_argument("--shapes-dir", default="output/demo", help="Shapes inputs (world, priors, judge, caches)")
+    p.add_argument("--out", default=None,
+                   help="run directories NAME_seedS (checkpoints: kept out of git; default output/ablation/runs, "
+                        "with --world-seed N output/ablation/worldN/runs)")
+    p.add_argument("--results", default=None,
+                   help="tables, CSVs and plots (default benchmarks/results; --grid final: benchmarks/results/heldout)")
+    p.add_argument("--shapes-dir", default=None,
+                   help="Shapes inputs (world, priors, judge, caches; default output/demo, with --world-seed N "
+                        "output/ablation/worldN)")
     p.add_argument("--datasets", default=None,
                    help="DETECTRON2_DATASETS of the runs (default: SHAPES_DIR/datasets for the Shapes grid, else the "
                         "environment's)")
@@ -568,11 +657,24 @@ def _kv(items: Sequence[str], where: str) -> dict[str, str]:
     return out
 
 
+def resolve_dirs(args: argparse.Namespace) -> None:
+    """Defaults of ``--shapes-dir``, ``--out`` and ``--results`` that depend on ``--world-seed`` and ``--grid``."""
+    held_out = args.world_seed != 0
+    if args.world_seed < 0:
+        raise AblationError(f"--world-seed {args.world_seed} must be >= 0")
+    base = Path("output/ablation") / f"world{args.world_seed}"
+    args.shapes_dir = args.shapes_dir or str(base if held_out else Path("output/demo"))
+    args.out = args.out or str(base / "runs" if held_out else Path("output/ablation/runs"))
+    args.results = args.results or ("benchmarks/results/heldout" if args.grid == "final" else "benchmarks/results")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     t0 = time.time()
     command = "python benchmarks/longtail_ablation.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    world_seed: int | None = None
     try:
+        resolve_dirs(args)
         if args.count_synthetic:
             n = count_synthetic(load_cfg(args.count_synthetic, _kv(args.count_overrides, "override")))
             print(json.dumps({"config": args.count_synthetic, "synthetic_images": n}))
@@ -588,17 +690,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.grid:
                 raise AblationError("give either --grid or --run, not both")
             specs = [parse_run(r, seeds or DEFAULT_SEEDS) for r in args.run]
-        elif args.grid and args.grid not in ("default", "full"):
+        elif args.grid and args.grid not in ("default", "full", "final"):
             specs, grid_common, grid_iters = load_grid(args.grid)
             common = {**grid_common, **common}
             iters = iters or grid_iters
         else:
             shapes = Path(args.shapes_dir)
+            final = args.grid == "final"
+            world_seed = args.world_seed
             if args.dry_run:
-                paths, clip = DemoPaths(shapes.absolute()), shapes.absolute() / "cache_clip_only"
+                paths = DemoPaths(shapes.absolute())
+                clip, in_domain = paths.out / "cache_clip_only", paths.out / "cache_in_domain"
             else:
-                paths, clip = prepare_shapes(shapes, not args.no_progress)
-            specs = shapes_grid(paths, clip, full=args.grid == "full")
+                paths, clip, in_domain = prepare_shapes(shapes, not args.no_progress, args.world_seed, final)
+            if final:
+                policy = str(load_cfg(str(CONFIG_DIR / "acp.yaml"), {}).ACP.DROPPED_INSTANCES)
+                specs = final_grid(paths, in_domain, policy)
+            else:
+                specs = shapes_grid(paths, clip, full=args.grid == "full")
             datasets = datasets or str(paths.datasets)
         specs += [parse_run(r, seeds or DEFAULT_SEEDS) for r in args.also]
         runs = plan(specs, Path(args.out).absolute(), common, iters, seeds)
@@ -617,7 +726,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             env["DETECTRON2_DATASETS"] = env_root
         execute(runs, specs, common, env, max(1, args.jobs), args.train_arg, progress=not args.no_progress)
-        head = write_results(runs, Path(args.results), command, time.time() - t0)
+        head = write_results(runs, Path(args.results), command, time.time() - t0, world_seed)
     except AblationError as e:
         print(f"longtail_ablation: error: {e}", file=sys.stderr)
         return 2

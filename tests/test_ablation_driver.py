@@ -88,12 +88,13 @@ def test_train_args_end_with_seed_and_output_dir(tmp_path):
 def _fake_run(run_dir: Path, seed: int, config: str, apr: float, ap: float, **overrides: str) -> None:
     """A finished run: metrics.json and the full config.yaml detectron2 saves (the config it would train with)."""
     run_dir.mkdir(parents=True)
-    metrics = {t: {"AP": ap, "AP50": None, "AP75": None, "APs": None, "APm": None, "APl": None, "APr": apr,
-                   "APc": ap - 1, "APf": ap + 1} for t in ("bbox", "segm")}
-    (run_dir / "metrics.json").write_text(json.dumps({**metrics, "dataset": "shapes_val", "iter": 10,
-                                                      "config_sha": "x"}))
     cfg = abl.load_cfg(config, {**{k.replace("__", "."): v for k, v in overrides.items()}, "SEED": str(seed),
                                 "OUTPUT_DIR": str(run_dir)})
+    metrics = {t: {"AP": ap, "AP50": None, "AP75": None, "APs": None, "APm": None, "APl": None, "APr": apr,
+                   "APc": ap - 1, "APf": ap + 1} for t in ("bbox", "segm")}
+    # the report refuses a run whose metrics are not of its last iteration: a finished run evaluates MAX_ITER
+    (run_dir / "metrics.json").write_text(json.dumps({**metrics, "dataset": "shapes_val",
+                                                      "iter": int(cfg.SOLVER.MAX_ITER), "config_sha": "x"}))
     (run_dir / "config.yaml").write_text(cfg.dump())
 
 
@@ -172,3 +173,58 @@ def test_also_adds_groups_to_the_default_grid(tmp_path, capsys):
     planned = [line.split()[1] for line in capsys.readouterr().out.splitlines() if line.startswith("[ablation]")]
     assert planned[:2] == ["baseline_seed1", "baseline_seed2"] and planned[-2:] == ["mine_seed1", "mine_seed2"]
     assert "filtered_min60_seed1" in planned and "filtered_min60_seed2" not in planned and len(planned) == 14
+
+
+def test_final_grid_on_a_held_out_world(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default directories are relative: output/ablation/world3/...
+    assert abl.main(["--dry-run", "--grid", "final", "--world-seed", "3", "--no-progress"]) == 0
+    lines = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("[ablation]")]
+    planned = [x[1] for x in lines]
+    three = [f"{g}_seed{s}" for g in ("baseline", "unfiltered", "filtered", "oracle") for s in (1, 2, 3)]
+    # acp.yaml's policy is background: the other two policies and the in_domain judge get one seed each
+    assert planned == three + ["filtered_ignore_seed1", "filtered_erase_seed1", "filtered_in_domain_seed1"]
+    by_name = {x[1]: x for x in lines}
+    world = tmp_path / "output/ablation/world3"
+    cache = json.dumps([str(world / "cache")])
+    assert by_name["oracle_seed2"][3].endswith("configs/shapes/oracle.yaml")
+    assert f"ACP.CACHE_DIRS={cache}" in by_name["oracle_seed2"] and "ACP.MAX_IMAGES=@match:filtered" in \
+        by_name["oracle_seed2"]
+    assert "ACP.MAX_IMAGES=@match:filtered" in by_name["unfiltered_seed1"]
+    assert "ACP.DROPPED_INSTANCES=erase" in by_name["filtered_erase_seed1"]
+    assert f"ACP.CACHE_DIRS={json.dumps([str(world / 'cache_in_domain')])}" in by_name["filtered_in_domain_seed1"]
+    assert all(x[2] == "pending" for x in lines)
+    with pytest.raises(SystemExit):
+        abl.main(["--grid", "final", "--world-seed", "x"])
+
+
+def test_final_headline_has_the_held_out_keys(tmp_path, capsys):
+    runs_dir, results = tmp_path / "runs", tmp_path / "results"
+    values = {"baseline": (1.0, 2.0, 3.0), "unfiltered": (10.0, 11.0, 12.0), "filtered": (15.0, 16.0, 17.0),
+              "oracle": (16.0, 17.0, 18.0)}
+    configs = {"baseline": "baseline", "unfiltered": "acp", "filtered": "acp", "oracle": "oracle"}
+    for group, aprs in values.items():
+        for seed, apr in zip((1, 2, 3), aprs):
+            _fake_run(runs_dir / f"{group}_seed{seed}", seed, f"configs/shapes/{configs[group]}.yaml", apr,
+                      20.0 + seed + (group == "filtered"))
+    argv = [f"--run={g}=configs/shapes/{c}.yaml" for g, c in configs.items()]
+    argv += ["--seeds", "1,2,3", "--out", str(runs_dir), "--results", str(results), "--no-progress"]
+    assert abl.main(argv) == 0
+    head = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("apr_baseline", "apr_unfiltered", "apr_filtered", "apr_oracle", "apr_std", "ap_baseline",
+                "ap_filtered", "gap_closed", "seeds", "world_seed"):
+        assert key in head, key
+    assert head["apr_oracle"] == 17.0 and head["apr_std"] == 1.0 and head["seeds"] == 3
+    assert head["gap_closed"] == round((16.0 - 11.0) / (17.0 - 11.0), 3)
+    assert head["ap_filtered"] == 23.0 and head["ap_baseline"] == 22.0
+    assert head["world_seed"] is None  # --run groups: no Shapes world of the driver's own
+    saved = json.loads((results / "results.json").read_text().strip().splitlines()[-1])
+    assert saved == {k: v for k, v in head.items() if k != "groups"}
+
+
+def test_gap_closed_edges():
+    assert abl.gap_closed(10.0, 18.0, 20.0) == 0.8
+    assert abl.gap_closed(10.0, 8.0, 20.0) == -0.2
+    assert abl.gap_closed(10.0, 12.0, 10.0) is None and abl.gap_closed(None, 1.0, 2.0) is None
+    groups = {"oracle": {"seeds": [1], "segm_APr_mean": 5.0, "segm_APr_std": 0.0}}
+    head = abl.headline(groups, world_seed=4)
+    assert head["world_seed"] == 4 and head["seeds"] == 1 and head["gap_closed"] is None
