@@ -36,6 +36,7 @@ class SyntheticSet:
     inst_offsets: np.ndarray  # int64, len n + 1
     inst_local: np.ndarray  # int32
     caches: list[str] = field(default_factory=list)
+    _sha: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.key)
@@ -67,9 +68,11 @@ class SyntheticSet:
                 for i, (k, c) in enumerate(zip(self.key.tolist(), self.candidate_idx.tolist()))]
 
     def sha(self) -> str:
-        """16 hex digits of the sha256 of the sorted ``key.c<candidate>:<instances>`` lines."""
-        lines = sorted(f"{k}.c{c}:{','.join(map(str, inst))}\n" for k, c, inst in self.entries())
-        return hashlib.sha256("".join(lines).encode()).hexdigest()[:16]
+        """16 hex digits of the sha256 of the sorted ``key.c<candidate>:<instances>`` lines (computed once)."""
+        if self._sha is None:
+            lines = sorted(f"{k}.c{c}:{','.join(map(str, inst))}\n" for k, c, inst in self.entries())
+            self._sha = hashlib.sha256("".join(lines).encode()).hexdigest()[:16]
+        return self._sha
 
     def to_bytes(self) -> bytes:
         import json
@@ -77,7 +80,7 @@ class SyntheticSet:
         meta = json.dumps({"format": FORMAT, "version": VERSION, "caches": self.caches, "sha": self.sha(),
                            "samples": len(self), "instances": int(len(self.inst_local))})
         buf = io.BytesIO()
-        np.savez(buf, key=self.key, candidate_idx=self.candidate_idx, cache=self.cache,
+        np.savez_compressed(buf, key=self.key, candidate_idx=self.candidate_idx, cache=self.cache,
                  inst_offsets=self.inst_offsets, inst_local=self.inst_local, meta=np.array(meta))
         return buf.getvalue()
 
