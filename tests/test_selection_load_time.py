@@ -326,6 +326,15 @@ def test_training_start_records_the_report_and_refuses_what_a_cache_cannot_serve
     assert rep["kept_images"] == run["synthetic_images"] == len(synth) > 0 and "per_category_thresholds" in rep
     assert json.loads(json.dumps(selection_report(synth.result, synth.categories,
                                                   rep["dropped_instances_policy"]))) == rep
+    # paste modes build their pool per instance whatever CATEGORIES_APPLY_TO says: only the chosen categories' crops
+    from acp_data.cache.selection import selection_from_cfg
+    from acp_data.d2.loader import build_paste_source
+
+    paste_cfg = world_cfg(world, tmp_path / "paste", "paste", CATEGORIES="rare")
+    table = world["cats"]
+    pool = build_paste_source(paste_cfg, selection_from_cfg(paste_cfg, table), table)
+    rare = {c.id for c in table if c.frequency == "r"}
+    assert len(pool) > 0 and set(int(c) for c in pool.categories) <= rare
     unscored = tmp_path / "unscored"
     shutil.copytree(world["cache"], unscored)
     from acp_data.cache.reader import CacheReader
