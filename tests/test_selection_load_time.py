@@ -288,6 +288,7 @@ def test_select_command_prints_what_training_gets(companions, scored, capsys):
     assert r["per_group"]["frequent"]["instances"] > 0  # the companions, labelled
     assert r["per_group"]["rare"]["images"] == 12 and r["dropped_instances_policy"] in ("background", "ignore", "erase")
     assert len(r["top_categories"]) == 3 and r["starved_categories"] == []
+    assert {c["id"]: c["drawn_for"] for c in r["top_categories"]} == {1: 4, 2: 4, 3: 4}  # 12 units, u % 3
     # thresholds set at load time change the report as they change the selection; text output names the rules
     assert main(["select", str(scored), "ACP.CATEGORIES", "all", "ACP.MIN_CLIS_I", "90.0",
                  "ACP.MIN_CLIS_I_RULE", "per_category", "--json"]) == 0
@@ -324,8 +325,8 @@ def test_training_start_records_the_report_and_refuses_what_a_cache_cannot_serve
     rep = run["selection_report"]
     synth = parts["synthetic"](0)
     assert rep["kept_images"] == run["synthetic_images"] == len(synth) > 0 and "per_category_thresholds" in rep
-    assert json.loads(json.dumps(selection_report(synth.result, synth.categories,
-                                                  rep["dropped_instances_policy"]))) == rep
+    assert json.loads(json.dumps(selection_report(synth.result, synth.categories, rep["dropped_instances_policy"],
+                                                  readers=synth.readers))) == rep
     # paste modes build their pool per instance whatever CATEGORIES_APPLY_TO says: only the chosen categories' crops
     from acp_data.cache.selection import selection_from_cfg
     from acp_data.d2.loader import build_paste_source

@@ -44,11 +44,28 @@ def _name(categories: CategoryTable, cid: int) -> str:
         return f"id {int(cid)}"
 
 
+def _kept_targets(result: SelectionResult, readers: Sequence[Any]) -> np.ndarray:
+    """The target concept of every kept image (the category its unit was drawn for)."""
+    from .selection import _targets
+
+    per_cache = [_targets(r) for r in readers]
+    out = np.full(len(result), -1, dtype=np.int64)
+    for i, t in enumerate(per_cache):
+        at = np.flatnonzero(result.cache_index == i)
+        out[at] = t[result.sample_row[at]]
+    return out
+
+
 def selection_report(result: SelectionResult, categories: CategoryTable, dropped_policy: str = "background",
-                     top: int = 10) -> dict[str, Any]:
-    """The facts of one load-time selection as a JSON-ready dict (see the module docstring)."""
+                     top: int = 10, readers: Sequence[Any] | None = None) -> dict[str, Any]:
+    """The facts of one load-time selection as a JSON-ready dict (see the module docstring). With the ``readers``
+    the selection ran over, each category also gets ``drawn_for``: the kept images whose unit was drawn for it."""
     sel, st = result.selection, result.stats
     k = len(categories)
+    drawn = None
+    if readers is not None:
+        t = _kept_targets(result, readers)
+        drawn = np.bincount(np.clip(t, 0, k), minlength=k + 1)[1:]
     ids = np.arange(1, k + 1)
     inst = np.bincount(np.clip(result.inst_category_id.astype(np.int64), 0, k), minlength=k + 1)[1:]
     imgs = result.category_image_counts(k)
@@ -66,8 +83,11 @@ def selection_report(result: SelectionResult, categories: CategoryTable, dropped
     chosen = ids if sel.category_ids is None else np.array([c for c in sel.category_ids if 1 <= c <= k], dtype=int)
 
     def row(c: int) -> dict[str, Any]:
-        return {"id": int(c), "name": _name(categories, c), "frequency": str(freq[c - 1]),
-                "images": int(imgs[c - 1]), "instances": int(inst[c - 1]), "dropped_instances": int(drop[c - 1])}
+        out = {"id": int(c), "name": _name(categories, c), "frequency": str(freq[c - 1]),
+               "images": int(imgs[c - 1]), "instances": int(inst[c - 1]), "dropped_instances": int(drop[c - 1])}
+        if drawn is not None:
+            out["drawn_for"] = int(drawn[c - 1])
+        return out
 
     order = sorted(chosen.tolist(), key=lambda c: (-inst[c - 1], c))
     rules = []
@@ -127,8 +147,9 @@ def format_report(r: dict[str, Any]) -> str:
     lines.append(f"chosen categories with instances: {r['categories_with_instances']}/{r['chosen_categories']}")
     for title, key in (("most kept", "top_categories"), ("least kept", "bottom_categories")):
         lines.append(f"{title}:")
-        lines += [f"  {c['name']} ({c['frequency']}): {c['images']} images, {c['instances']} instances, "
-                  f"{c['dropped_instances']} dropped" for c in r[key]]
+        lines += [f"  {c['name']} ({c['frequency']}): {c['images']} images"
+                  + (f" ({c['drawn_for']} drawn for it)" if "drawn_for" in c else "")
+                  + f", {c['instances']} instances, {c['dropped_instances']} dropped" for c in r[key]]
     d = r["dropped_in_kept_images"]
     lines.append(f"unlabelled instances in kept images: {', '.join(f'{v} by {k}' for k, v in d.items())}; "
                  f"ACP.DROPPED_INSTANCES {r['dropped_instances_policy']}")
@@ -160,16 +181,16 @@ def cli_main(argv: list[str]) -> int:
     first_key = next((i for i, x in enumerate(a.args) if _KEY.match(x)), len(a.args))
     caches, opts = a.args[:first_key], a.args[first_key:]
     try:
-        result, table, policy = _select_from_config(caches, a.config, opts)
+        result, table, policy, readers = _select_from_config(caches, a.config, opts)
     except UsageError as e:
         return fail(prog, e)
-    report = selection_report(result, table, policy, top=max(0, a.top))
+    report = selection_report(result, table, policy, top=max(0, a.top), readers=readers)
     print(json.dumps(report, sort_keys=True) if a.json else format_report(report))
     return 0
 
 
 def _select_from_config(caches: Sequence[str], config: str | None, opts: Sequence[str]
-                        ) -> tuple[SelectionResult, CategoryTable, str]:
+                        ) -> tuple[SelectionResult, CategoryTable, str, list[Any]]:
     """The selection a training run with this config would make over ``caches`` (or its ``ACP.CACHE_DIRS``)."""
     from ..categories import CategoryError
     from ..cli import UsageError
@@ -199,7 +220,7 @@ def _select_from_config(caches: Sequence[str], config: str | None, opts: Sequenc
         readers = open_caches(list(cfg.ACP.CACHE_DIRS))
         table = readers[0].categories
         sel = selection_from_cfg(cfg, table)
-        return select(readers, sel), table, str(cfg.ACP.get("DROPPED_INSTANCES", "background"))
+        return select(readers, sel), table, str(cfg.ACP.get("DROPPED_INSTANCES", "background")), readers
     except CategoryError as e:
         raise UsageError(f"config key ACP.CATEGORIES = {cfg.ACP.CATEGORIES!r}: {e}") from e
     except (CacheError, SelectionError, ValueError) as e:
