@@ -60,6 +60,9 @@ def test_demo_end_to_end_then_everything_reused(tmp_path, capsys, monkeypatch):
 
     # one side-by-side table with the difference row, computed from the two metrics files
     assert "difference" in printed and "APr" in printed
+    # under the table: what the CLIS filter removed (nothing at MIN_CLIS_I 0), per frequency group
+    removed = next(line for line in printed.splitlines() if line.startswith("CLIS filter"))
+    assert "MIN_CLIS_I 0, MIN_CLIS_L 0) removed 0 of" in removed and "rare 0 of" in removed
     base = summary["metrics"]["baseline"]["segm"]["AP"]
     acp = summary["metrics"]["acp"]["segm"]["AP"]
     diff_line = next(line for line in printed.splitlines() if line.startswith("difference"))
@@ -84,6 +87,16 @@ def test_demo_end_to_end_then_everything_reused(tmp_path, capsys, monkeypatch):
     at0, at101 = calib["by_threshold"]["all"]
     assert at0["ok_kept"] == 1.0 and at0["ok"] + at0["failed"] == calib["instances"]
     assert at101["ok_kept"] == 0.0 and at101["ok_dropped"] == at0["ok"]
+    # the records carry the generator's truth; scoring again with the same judge gives the cache's own scores
+    assert "shapes_truth" in CacheReader(out / "cache").read_record(0)["provenance"]
+    spec = f"local-dir:{out / 'judge'}"
+    assert judge_calibration.main(["--cache", str(out / "cache"), "--thresholds", "0", "--judge", f"again={spec}"]) == 0
+    rare = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rare_categories"]
+    assert set(rare) == {"cache", "again"} and rare["cache"]["categories"]
+    for name, c in rare["cache"]["categories"].items():
+        d = rare["again"]["categories"][name]
+        assert (c["ok"], c["failed"]) == (d["ok"], d["failed"])
+        assert c["auroc"] is None or abs(c["auroc"] - d["auroc"]) < 0.02
 
     # per-category AP of the rare categories, from each run's saved detections: their mean is the run's APr
     import per_category_ap

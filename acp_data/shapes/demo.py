@@ -3,8 +3,10 @@
 Builds the world, its priors, the judge (CLIS-I model) and the synthetic cache, each reused when already built
 from the same inputs; trains Mask R-CNN on real data only (``configs/shapes/baseline.yaml``) and with CLIS-selected
 synthetic images of the rare categories (``configs/shapes/acp.yaml``) through ``tools/train_net.py``; prints one
-side-by-side table of AP / APr / APc / APf (mask and box) with the difference. Everything goes under ``--out``
-(default ``output/demo``)::
+side-by-side table of AP / APr / APc / APf (mask and box) with the difference, and under it what the CLIS filter
+removed (from the ACP run's ``acp_run.json`` selection report). The judge is the ``web`` variant (trained on its own
+web corpus, as a real CLIP learned from web data; ``--judge-variant in_domain`` trains it on the world's real images).
+Everything goes under ``--out`` (default ``output/demo``)::
 
     datasets/shapes/        the world (DETECTRON2_DATASETS=OUT/datasets, as the configs expect)
     priors.npz              `acp-data priors build` of the world's train.json (+ priors.npz.stamp.json)
@@ -33,7 +35,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -234,7 +236,7 @@ class _Clock:
 
 def prepare_inputs(paths: DemoPaths, size: str = "demo", world_seed: int = 0, judge_steps: int | None = None,
                    prebuild_overrides: Sequence[str] = (), max_units: int | None = None, threads: int | None = 1,
-                   progress: bool = True, after_world: Any = None) -> Inputs:
+                   progress: bool = True, after_world: Any = None, judge_variant: str | None = None) -> Inputs:
     """World, priors, judge and cache under ``paths`` (each reused when up to date). ``after_world()`` is called
     once the world exists (the demo starts the baseline there)."""
     from .judge import JudgeOptions, train_judge
@@ -248,7 +250,11 @@ def prepare_inputs(paths: DemoPaths, size: str = "demo", world_seed: int = 0, ju
         after_world()
     with clock("priors"):
         build_priors(world.train_json, paths.priors)
-    opts = JudgeOptions() if judge_steps is None else JudgeOptions(steps=judge_steps)
+    opts = JudgeOptions()
+    if judge_steps is not None:
+        opts = replace(opts, steps=judge_steps)
+    if judge_variant is not None:
+        opts = replace(opts, variant=judge_variant)
     with clock("judge"):
         judge_spec = train_judge(world.root, paths.judge, opts, progress=progress, threads=threads)
     fingerprint = {"world": file_sha256(world.train_json), "val": file_sha256(world.val_json),
@@ -272,6 +278,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--world-seed", type=int, default=0, help="seed of the world's images")
     p.add_argument("--size", default="demo", choices=("demo", "small"), help="world size (small: for tests)")
     p.add_argument("--judge-steps", type=int, default=None, help="judge training steps (default: the judge's)")
+    p.add_argument("--judge-variant", default=None, choices=("web", "in_domain"),
+                   help="what the judge learns from: web (its own web corpus, default) or in_domain (the world's real "
+                        "training images, where a rare category has 1-10 images)")
     p.add_argument("--max-units", type=int, default=None, help="cap on prebuild work units (default: all)")
     p.add_argument("--prebuild-set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of configs/shapes/prebuild.yaml (docs/prebuild.md)")
@@ -322,7 +331,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     try:
         inputs = prepare_inputs(paths, size=args.size, world_seed=args.world_seed, judge_steps=args.judge_steps,
                                 prebuild_overrides=args.prebuild_set, max_units=args.max_units, threads=threads,
-                                progress=progress, after_world=start_baseline)
+                                progress=progress, after_world=start_baseline, judge_variant=args.judge_variant)
         jobs["acp"] = make_job("acp", inputs.fingerprint)
         t_train = time.time()
         if args.jobs == 2:
@@ -372,7 +381,11 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
              f"{summary['real_images']} real training images"
              + (f" (acp: + {syn} synthetic images of the rare categories, {_selection_words(acp_run)})"
                 if syn is not None else ""))
-    print("\n" + format_table(metrics, title) + "\n", flush=True)
+    print("\n" + format_table(metrics, title), flush=True)
+    removed = filter_line(acp_run)
+    if removed:
+        print(removed, flush=True)
+    print(flush=True)
     t = summary["timings_s"]
     print(f"[demo] wall time {t['total'] / 60:.1f} min (world {t['world']:.0f} s, priors {t['priors']:.0f} s, judge "
           f"{t['judge']:.0f} s, cache {t['cache']:.0f} s, training + evaluation {t['training_and_eval']:.0f} s); "
@@ -408,6 +421,45 @@ def _selection_words(acp_run: dict[str, Any]) -> str:
         what = {"random": "one random candidate per unit", "first": "first candidate",
                 "all": "every candidate"}.get(str(mode), f"ACP.SELECT {mode}")
     return what + (f", instances with CLIS-I >= {min_i:g}" if min_i else ", no CLIS-I threshold")
+
+
+def filter_line(acp_run: dict[str, Any]) -> str | None:
+    """One line on what the ACP run's instance and layout thresholds removed, per frequency group: its selection
+    (``acp_run.json``'s ``selection_report``) against the same selection with the thresholds at 0, on its caches."""
+    report = acp_run.get("selection_report") or {}
+    settings = report.get("settings")
+    caches = acp_run.get("caches") or []
+    if not settings or not caches:
+        return None
+    from ..cache.reader import CacheReader
+    from ..cache.select_report import selection_report
+    from ..cache.selection import Selection, select
+
+    try:
+        readers = [CacheReader(c) for c in caches]
+        ids = settings.get("category_ids")
+        loose = Selection(**{**settings, "min_clis_i": 0.0, "min_clis_l": 0.0, "max_images": 0,
+                             "category_ids": None if ids is None else tuple(ids)})
+        before = selection_report(select(readers, loose), readers[0].categories)
+    except Exception as e:  # a moved cache: the table above is the result, this line only explains it
+        logger.warning("cannot recount the selection without thresholds: %s", e)
+        return None
+    after = report.get("per_group") or {}
+    parts = []
+    for group, b in (before.get("per_group") or {}).items():
+        a = after.get(group) or {}
+        if not b.get("instances"):
+            continue
+        parts.append(f"{group} {b['images'] - a.get('images', 0)} of {b['images']} images, "
+                     f"{b['instances'] - a.get('instances', 0)} of {b['instances']} instances")
+    if not parts:
+        return None
+    kept, total = report.get("kept_images", 0), before.get("kept_images", 0)
+    inst_kept, inst_total = report.get("kept_instances", 0), before.get("kept_instances", 0)
+    return (f"CLIS filter (MIN_CLIS_I {settings['min_clis_i']:g}, MIN_CLIS_L {settings['min_clis_l']:g}) removed "
+            f"{total - kept} of {total} images and {inst_total - inst_kept} of {inst_total} instances; per group "
+            "(images containing it, its instances): " + "; ".join(parts)
+            + f"; dropped objects stay in their images, ACP.DROPPED_INSTANCES {report.get('dropped_instances_policy')}")
 
 
 def _run_config(run_dir: Path) -> dict[str, Any]:
