@@ -130,7 +130,9 @@ def mask_polygon_arrays(mask: np.ndarray, x0: float = 0, y0: float = 0) -> list[
     m = _as_bool_mask(mask)
     if not m.any():
         return []
-    up = cv2.resize(m.view(np.uint8), None, fx=2, fy=2, interpolation=cv2.INTER_NEAREST)
+    # 2x nearest upsampling, exact and ~5x faster than cv2.resize: a 0/1 byte times 257 is the same byte twice
+    h, w = m.shape
+    up = np.repeat((m.astype(np.uint16, order="C") * 257).view(np.uint8).reshape(h, 2 * w), 2, axis=0)
     contours, hierarchy = cv2.findContours(up, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
     if hierarchy is None:
         return []

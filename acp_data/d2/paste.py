@@ -62,11 +62,12 @@ class Annot:
         x1, y1 = min(width, int(math.ceil(hi[0]))), min(height, int(math.ceil(hi[1])))
         return x0, y0, max(x0, x1), max(y0, y1)
 
-    def materialise(self, height: int, width: int) -> None:
-        """Rasterise the original segmentation inside its region (once), and remember its visible area."""
+    def materialise(self, height: int, width: int, region: tuple[int, int, int, int] | None = None) -> None:
+        """Rasterise the original segmentation inside its region (once), and remember its visible area. ``region``:
+        ``self.region(height, width)`` when the caller has it already."""
         if self.local is not None:
             return
-        x0, y0, x1, y1 = self.region(height, width)
+        x0, y0, x1, y1 = region if region is not None else self.region(height, width)
         seg = self.segmentation
         if isinstance(seg, np.ndarray):
             if seg.shape != (height, width):
@@ -92,11 +93,9 @@ def polygons_to_local(polygons: list, x0: int, y0: int, w: int, h: int) -> np.nd
 
     if w <= 0 or h <= 0:
         return np.zeros((max(h, 0), max(w, 0)), dtype=bool)
-    shifted = []
-    for p in polygons:
-        q = np.asarray(p, dtype=np.float64).reshape(-1, 2) - (x0, y0)
-        if len(q) >= 3:
-            shifted.append(q.reshape(-1).tolist())
+    off = np.array([x0, y0], dtype=np.float64)
+    shifted = [(q - off).reshape(-1) for q in (np.asarray(p, dtype=np.float64).reshape(-1, 2) for p in polygons)
+               if len(q) >= 3]  # flat float64 arrays of >= 6 values: pycocotools reads them as polygons
     if not shifted:
         return np.zeros((h, w), dtype=bool)
     rles = mask_utils.frPyObjects(shifted, h, w)
@@ -133,6 +132,14 @@ def _masked_copy(src: np.ndarray, mask: np.ndarray, dst: np.ndarray) -> None:
             out = cv2.copyTo(s, m, dst)
             if not np.shares_memory(out, dst):
                 dst[...] = out
+        elif all(_cv_layout(dst[:, :, c]) for c in range(dst.shape[2])):
+            # an (H, W, C) view of a (C, H, W) buffer (the mapper's model input): one plane at a time, in place,
+            # instead of gathering the strided region into a copy and scattering it back (~5x faster)
+            for c, plane in enumerate(cv2.split(s) if s.shape[2] > 1 else (s[:, :, 0],)):
+                d = dst[:, :, c]
+                out = cv2.copyTo(np.ascontiguousarray(plane), m, d)
+                if not np.shares_memory(out, d):
+                    d[...] = out
         else:  # e.g. a horizontally flipped view of the image
             dst[...] = cv2.copyTo(s, m, np.ascontiguousarray(dst))
         return
@@ -172,7 +179,7 @@ def paste_instances(image: np.ndarray, annots: list[Annot], placements: list[Pla
         for k in hits.tolist():
             a = out[k]
             if not a.materialised:
-                a.materialise(height, width)
+                a.materialise(height, width, tuple(regions[k].tolist()))
                 regions[k] = a.region(height, width)
             ax0, ay0, ax1, ay1 = regions[k].tolist()
             ix0, iy0, ix1, iy1 = max(ax0, cx0), max(ay0, cy0), min(ax1, cx1), min(ay1, cy1)
