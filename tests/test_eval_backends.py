@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import acp_data.d2.eval_backends as eb
 from acp_data.d2.eval_backends import METRICS, EvaluationError, GroundTruth, evaluate_tasks, resolve_backend
 from acp_data.d2.evaluation import cli_main, evaluate_lvis
 
@@ -123,6 +124,57 @@ def test_per_category_precision_is_the_same():
     assert ref.precision.shape == hot.precision.shape
     assert np.abs(ref.precision - hot.precision).max() <= 1e-12
 
+
+
+# ----- segm mask areas from the results file -----------------------------------------------------------------------
+def _spellings(dets: list[dict]) -> dict[str, tuple[str, bool]]:
+    """One results list written as different json writers write it, and whether the RLE counts are read straight from
+    the text (else the segmentations come back from hotcoco: same numbers, slower)."""
+    plain = json.dumps(dets)
+    assert "\\\\" in plain  # some counts hold a backslash (an RLE character), escaped as a pair
+    noted = json.dumps([dict(d, note="a/b") if i == 5 else d for i, d in enumerate(dets)])
+    return {"json.dumps": (plain, True),
+            "compact": (json.dumps(dets, separators=(",", ":")), True),
+            "indented": (json.dumps(dets, indent=2), True),
+            "unicode escapes": (plain.replace("\\\\", "\\u005c"), False),
+            "an escaped solidus": (noted.replace('"a/b"', '"a\\/b"'), False)}
+
+
+def test_segm_from_any_results_spelling_equals_lvis_api(tmp_path):
+    gt_dict, dets = edge_case_set(6, n_images=8, dets=50)
+    gt = GroundTruth.load(gt_dict)
+    ref = _stats(gt, dets, "lvis")
+    for name, (text, direct) in _spellings(dets).items():
+        path = tmp_path / f"{name.replace(' ', '_')}.json"
+        path.write_text(text)
+        _, _, counts = eb._scan_keys(str(path), ["score"], chunk=4096, rle=True)
+        assert (counts is not None) == direct, name
+        if direct:  # every detection's counts, across chunk boundaries, unescaped
+            assert [c.decode() for c in counts] == [d["segmentation"]["counts"] for d in dets], name
+        assert_same(ref, _stats(gt, str(path), "hotcoco"))
+
+
+def test_segm_areas_are_lvis_api_mask_areas(tmp_path):
+    """Every evaluated detection's area is its mask area (lvis-api's for results without boxes), from a list and from
+    a file; the boxes' areas are not."""
+    from lvis import LVISResults
+
+    gt_dict, dets = edge_case_set(7, n_images=6, dets=40)
+    gt = GroundTruth.load(gt_dict)
+    path = tmp_path / "dt.json"
+    path.write_text(json.dumps(dets))
+    eb._numpy_float_shim()
+    no_box = [{k: v for k, v in d.items() if k != "bbox"} for d in copy.deepcopy(dets)]
+    mask_area = {a["id"]: a["area"] for a in LVISResults(gt.lvis(), no_box, max_dets=-1).dataset["annotations"]}
+    for hot in (eb.HotcocoResults.from_list(gt, dets), eb.HotcocoResults.from_file(gt, str(path), ("segm",))[0]):
+        assert hot._rle_counts is not None
+        hot._use_mask_areas()
+        anns = [a for a in hot._dt.load_anns(hot._dt.get_ann_ids())
+                if a["category_id"] in {c for i in gt_dict["images"] if i["id"] == a["image_id"]
+                                        for c in i["neg_category_ids"]}]
+        assert len(anns) > 20
+        assert [a["area"] for a in anns] == [mask_area[a["id"]] for a in anns]
+        assert any(a["area"] != a["bbox"][2] * a["bbox"][3] for a in anns)
 
 # ----- bad input ---------------------------------------------------------------------------------------------------
 def _bad_inputs(gt: dict, dets: list[dict]) -> dict[str, list]:

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import re
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -274,30 +275,64 @@ def _lvis_result(ev, task: str) -> TaskResult:
                       list(ev.params.cat_ids))
 
 
-def _scan_keys(path: str, keys: Sequence[str], chunk: int = 1 << 24) -> tuple[dict[str, int], bool]:
+_RLE_COUNTS = re.compile(rb'"counts"\s*:\s*"([^"]*)"')
+# hotcoco.mask.area checks the runs against h*w; the area (the sum of the odd runs) does not depend on the size, and
+# pycocotools (lvis-api) checks nothing, so the areas are taken with a size no mask exceeds
+_ANY_SIZE = [46340, 46340]
+
+
+def _scan_keys(path: str, keys: Sequence[str], chunk: int = 1 << 24,
+               rle: bool = False) -> tuple[dict[str, int], bool, list[bytes | str] | None]:
     """How often each ``"key"`` occurs in the file, and whether it starts with ``[`` (read in chunks: a results
-    file can be gigabytes)."""
+    file can be gigabytes). With ``rle``, also every ``"counts"`` string in file order (JSON escapes decoded), or
+    ``None`` where some ``"counts"`` is not a string."""
     pats = {k: b'"%s"' % k.encode() for k in keys}
     counts = dict.fromkeys(keys, 0)
     tails = dict.fromkeys(keys, b"")
     first = b""
+    strings: list[bytes | str] | None = [] if rle else None
+    carry, n_keys = b"", 0
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            if not first.strip():
+        while True:
+            block = f.read(chunk)
+            if block and not first.strip():
                 first = (first + block[:64]).lstrip()
             for k, pat in pats.items():
                 buf = tails[k] + block
                 counts[k] += buf.count(pat)
                 tails[k] = buf[-(len(pat) - 1):]
-    return counts, first[:1] == b"["
+            if strings is not None:
+                buf = carry + block
+                # cut before the last "counts" key (or keep what could be the start of one) unless the file ended
+                cut = len(buf) if not block else buf.rfind(b'"counts"')
+                if block and cut <= 0:
+                    cut = max(0, len(buf) - 7)
+                part, carry = buf[:cut], buf[cut:]
+                n_keys += part.count(b'"counts"')
+                # backslash, an RLE character, is written "\\\\" in JSON (any other escape: not RLE, no strings);
+                # the counts hold no quote, so the regex still finds their ends once the pairs are undone
+                n_bs = part.count(b"\\")
+                if n_bs and n_bs != 2 * part.count(b"\\\\"):
+                    strings = None
+                else:
+                    strings += _RLE_COUNTS.findall(part.replace(b"\\\\", b"\\") if n_bs else part)
+            if not block:
+                break
+    if strings is not None and len(strings) != n_keys:
+        strings = None
+    return counts, first[:1] == b"[", strings
 
 
 class HotcocoResults:
     """Detections loaded into hotcoco once (from a checked list, or parsed from the file in Rust) and capped per image
-    the way lvis-api caps them; ``evaluate(task)`` runs one task on them."""
+    the way lvis-api caps them; ``evaluate(task)`` runs one task on them. ``rle_counts``: each detection's RLE
+    ``counts`` in results order (detection ``i`` is hotcoco's annotation ``i + 1``, as in lvis-api), for segm's mask
+    areas without a round trip through hotcoco's annotation dicts."""
 
-    def __init__(self, gt: GroundTruth, dt: Any, n: int, max_dets: int) -> None:
+    def __init__(self, gt: GroundTruth, dt: Any, n: int, max_dets: int,
+                 rle_counts: Sequence[bytes | str] | None = None) -> None:
         self.gt, self._dt, self.n, self.max_dets = gt, dt, n, max_dets
+        self._rle_counts = rle_counts if rle_counts is not None and len(rle_counts) == n else None
         self._mask_areas = False
 
     @classmethod
@@ -306,7 +341,9 @@ class HotcocoResults:
 
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             dt = hotcoco.LVISResults(gt.hotcoco(), list(dets), max_dets=max_dets) if dets else None
-        return cls(gt, dt, len(dets), max_dets)
+        counts = [d["segmentation"]["counts"] if isinstance(d.get("segmentation"), dict) else None for d in dets]
+        ok = all(isinstance(c, (bytes, str)) for c in counts)
+        return cls(gt, dt, len(dets), max_dets, counts if ok else None)
 
     @classmethod
     def from_file(cls, gt: GroundTruth, path: str | os.PathLike, tasks: Sequence[str] | None,
@@ -319,7 +356,8 @@ class HotcocoResults:
         want = ["score", "bbox", "counts"] if tasks is None or len(set(tasks)) > 1 else \
             ["score", {"bbox": "bbox", "segm": "counts"}[tasks[0]]]
         try:
-            keys, is_list = _scan_keys(path, want + (["segmentation"] if tasks is None else []))
+            keys, is_list, rle_counts = _scan_keys(path, want + (["segmentation"] if tasks is None else []),
+                                                   rle=tasks is None or "segm" in tasks)
         except OSError as e:
             raise EvaluationError(f"cannot read detections {path!r}: {e}") from e
         if tasks is None:
@@ -346,7 +384,7 @@ class HotcocoResults:
             return cls(gt, None, 0, max_dets), tuple(tasks)
         if max_dets >= 0:
             dt = dt.cap_detections_per_image(max_dets)
-        return cls(gt, dt, n, max_dets), tuple(tasks)
+        return cls(gt, dt, n, max_dets, rle_counts if "segm" in tasks else None), tuple(tasks)
 
     def _use_mask_areas(self) -> None:
         """segm: areas from the masks, as lvis-api computes them for results without boxes."""
@@ -367,8 +405,13 @@ class HotcocoResults:
         if not ids:
             self._mask_areas = True
             return
-        segs = [a["segmentation"] for a in self._dt.load_anns(ids)]
+        if self._rle_counts is not None:  # the counts as read, by results order (about 3x faster)
+            counts = self._rle_counts
+            segs = [{"size": _ANY_SIZE, "counts": counts[i - 1]} for i in ids]
+        else:  # the segmentations back from hotcoco
+            segs = [a["segmentation"] for a in self._dt.load_anns(ids)]
         self._dt.update_anns(ids=np.asarray(ids), area=np.asarray(hotcoco.mask.area(segs), dtype=np.float64))
+        self._rle_counts = None  # no longer needed: free the strings
         self._mask_areas = True
 
     def evaluate(self, task: str) -> TaskResult:
