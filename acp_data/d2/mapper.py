@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -51,6 +52,7 @@ __all__ = ["ACPDatasetMapper", "PasteSource", "is_synthetic", "rle_to_polygons_l
            "erase_instances", "ERASE_RADIUS"]
 
 ERASE_RADIUS = 3  # px: the dropped masks are dilated by this much (soft edges, mask error) and inpainted with it
+CROP_CACHE_BYTES = 32 << 20  # per process: decoded cut-outs kept by PasteSource (a worker re-reads popular crops)
 
 
 def is_synthetic(record: dict[str, Any]) -> bool:
@@ -140,9 +142,13 @@ class PasteSource:
     with per-category size statistics from the priors. Small to pickle into workers (stores reopen lazily)."""
 
     def __init__(self, stores: Sequence[Any], crop_ids: Sequence[np.ndarray],
-                 size_stats: dict[int, tuple[float, float, float, float]] | None = None):
+                 size_stats: dict[int, tuple[float, float, float, float]] | None = None,
+                 cache_bytes: int = CROP_CACHE_BYTES):
         if len(stores) != len(crop_ids):
             raise ValueError("one array of crop ids per crop store")
+        self.cache_bytes = int(cache_bytes)
+        self._cache: OrderedDict[int, tuple[np.ndarray, int]] = OrderedDict()
+        self._cached = 0
         self.stores = list(stores)
         store_of, crop_of, cat_of = [], [], []
         for s, (store, ids) in enumerate(zip(stores, crop_ids)):
@@ -165,11 +171,28 @@ class PasteSource:
         """Category id (1-based) -> number of cut-outs."""
         return {int(c): int(n) for c, n in zip(self.categories, self._counts)}
 
+    def __getstate__(self) -> dict[str, Any]:
+        d = self.__dict__.copy()
+        d["_cache"], d["_cached"] = OrderedDict(), 0  # each worker fills its own
+        return d
+
     def crop(self, category_slot: int, u: float) -> tuple[np.ndarray, int]:
-        """``(rgba, category id)`` of the crop at fraction ``u`` of category ``categories[category_slot]``."""
+        """``(rgba, category id)`` of the crop at fraction ``u`` of category ``categories[category_slot]``; the
+        pixels are read-only: recently used crops come from a small per-process LRU (``cache_bytes``) instead of
+        another read and checksum."""
         n = int(self._counts[category_slot])
         j = int(self._starts[category_slot]) + min(int(u * n), n - 1)
+        hit = self._cache.get(j)
+        if hit is not None:
+            self._cache.move_to_end(j)
+            return hit
         rgba, cid = self.stores[int(self._store[j])].read(int(self._crop[j]))
+        rgba.setflags(write=False)
+        if rgba.nbytes <= self.cache_bytes // 4:
+            self._cache[j] = (rgba, cid)
+            self._cached += rgba.nbytes
+            while self._cached > self.cache_bytes:
+                self._cached -= self._cache.popitem(last=False)[1][0].nbytes
         return rgba, cid
 
 

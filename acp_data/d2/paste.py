@@ -12,6 +12,7 @@ column x spans [x, x + 1)), as detectron2 and COCO use them.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,10 +55,10 @@ class Annot:
             pts = np.concatenate([np.asarray(p, dtype=np.float64).reshape(-1, 2) for p in self.segmentation])
             lo, hi = np.minimum(lo, pts.min(0)), np.maximum(hi, pts.max(0))
         elif isinstance(self.segmentation, np.ndarray):  # a bitmask may reach outside its box: a paste there occludes
-            rows, cols = np.flatnonzero(self.segmentation.any(1)), np.flatnonzero(self.segmentation.any(0))
-            if rows.size:
-                lo = np.minimum(lo, (cols[0], rows[0]))
-                hi = np.maximum(hi, (cols[-1] + 1, rows[-1] + 1))
+            tight = _tight_box(self.segmentation)
+            if tight is not None:
+                lo = np.minimum(lo, tight[:2])
+                hi = np.maximum(hi, tight[2:])
         x0, y0 = max(0, int(math.floor(lo[0]))), max(0, int(math.floor(lo[1])))
         x1, y1 = min(width, int(math.ceil(hi[0]))), min(height, int(math.ceil(hi[1])))
         return x0, y0, max(x0, x1), max(y0, y1)
@@ -72,9 +73,9 @@ class Annot:
         if isinstance(seg, np.ndarray):
             if seg.shape != (height, width):
                 raise ValueError(f"bitmask of shape {seg.shape} on an image of shape {(height, width)}")
-            rows, cols = np.flatnonzero(seg.any(1)), np.flatnonzero(seg.any(0))
-            if rows.size:  # the tight region of the whole mask, even where it leaves the box
-                x0, x1, y0, y1 = int(cols[0]), int(cols[-1]) + 1, int(rows[0]), int(rows[-1]) + 1
+            tight = _tight_box(seg)
+            if tight is not None:  # the tight region of the whole mask, even where it leaves the box
+                x0, y0, x1, y1 = tight
                 local = seg[y0:y1, x0:x1].astype(bool)
             else:
                 local = np.zeros((y1 - y0, x1 - x0), dtype=bool)
@@ -99,7 +100,22 @@ def polygons_to_local(polygons: list, x0: int, y0: int, w: int, h: int) -> np.nd
     if not shifted:
         return np.zeros((h, w), dtype=bool)
     rles = mask_utils.frPyObjects(shifted, h, w)
-    return mask_utils.decode(mask_utils.merge(rles)).astype(bool)
+    return mask_utils.decode(mask_utils.merge(rles)).astype(bool, order="C")  # C order: OpenCV reads it in place
+
+
+def _tight_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """``(x0, y0, x1, y1)`` (exclusive end) of the nonzero pixels of a 2-D mask, ``None`` when there are none
+    (OpenCV's ``boundingRect`` on bytes: about twice as fast as two ``any`` reductions)."""
+    import cv2
+
+    if mask.dtype in (np.bool_, np.uint8, np.int8) and mask.size:
+        m = mask.view(np.uint8)
+        x, y, w, h = cv2.boundingRect(m if _cv_layout(m) else np.ascontiguousarray(m))
+        return (x, y, x + w, y + h) if w else None
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    if not rows.size:
+        return None
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
 
 
 @dataclass
@@ -169,7 +185,8 @@ def paste_instances(image: np.ndarray, annots: list[Annot], placements: list[Pla
             continue
         pm = pl.mask[cy0 - pl.y0:cy1 - pl.y0, cx0 - pl.x0:cx1 - pl.x0]
         visible = int(np.count_nonzero(pm))
-        if visible == 0 or visible < min_visible_pixels or visible < min_visible_frac * np.count_nonzero(pl.mask):
+        whole = visible if pm.shape == pl.mask.shape else np.count_nonzero(pl.mask)
+        if visible == 0 or visible < min_visible_pixels or visible < min_visible_frac * whole:
             continue
         # hard-mask blend inside the box region only
         _masked_copy(pl.rgb[cy0 - pl.y0:cy1 - pl.y0, cx0 - pl.x0:cx1 - pl.x0], pm, image[cy0:cy1, cx0:cx1])
@@ -192,8 +209,7 @@ def paste_instances(image: np.ndarray, annots: list[Annot], placements: list[Pla
                 np.logical_xor(sub, hit, out=sub)
                 a.occluded = True
         # trim the paste mask to its tight box and add it as a new instance
-        rows, cols = np.flatnonzero(pm.any(1)), np.flatnonzero(pm.any(0))
-        r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+        c0, r0, c1, r1 = _tight_box(pm)
         local = pm[r0:r1, c0:c1].copy()
         x0, y0 = cx0 + c0, cy0 + r0
         new = Annot(category_id=pl.category_id, box=np.array([x0, y0, x0 + c1 - c0, y0 + r1 - r0], np.float64),
@@ -215,8 +231,7 @@ def finalize_occluded(annots: list[Annot], *, min_visible_frac: float, min_visib
         vis = int(np.count_nonzero(a.local))
         if vis == 0 or vis < min_visible_pixels or vis < min_visible_frac * a.area0:
             continue
-        rows, cols = np.flatnonzero(a.local.any(1)), np.flatnonzero(a.local.any(0))
-        r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+        c0, r0, c1, r1 = _tight_box(a.local)
         a.local = a.local[r0:r1, c0:c1]
         a.x0, a.y0 = a.x0 + c0, a.y0 + r0
         a.box = np.array([a.x0, a.y0, a.x0 + (c1 - c0), a.y0 + (r1 - r0)], dtype=np.float64)
@@ -360,4 +375,8 @@ def make_placement(rgba: np.ndarray, size_wh: tuple[int, int], plan: PastePlan, 
     x0 = int(round(plan.cx * iw - w / 2.0))
     y0 = int(round(plan.cy * ih - h / 2.0))
     px = cv2.cvtColor(out, cv2.COLOR_RGBA2BGR if bgr else cv2.COLOR_RGBA2RGB).reshape(h, w, 3)
-    return Placement(rgb=px, mask=out[:, :, 3] >= 128, x0=x0, y0=y0, category_id=category_id)
+    if sys.byteorder == "little" and out.flags.c_contiguous:  # alpha is each pixel's top byte: one 32-bit compare
+        mask = out.view(np.uint32)[:, :, 0] >= np.uint32(128 << 24)
+    else:
+        mask = out[:, :, 3] >= 128
+    return Placement(rgb=px, mask=mask, x0=x0, y0=y0, category_id=category_id)
