@@ -319,12 +319,15 @@ class ACPDatasetMapper(DatasetMapper):
             obj.pop("keypoints", None)
             annos.append(utils.transform_instance_annotations(obj, transforms, image_shape))
         sources = [SOURCE_SYNTHETIC if synthetic else SOURCE_REAL] * len(annos)
-        # the model's (C, H, W) copy is made anyway: paste into it (through an (H, W, C) view) instead of copying the
-        # augmented image, which PIL-based resizing leaves read-only, once more
-        chw = np.ascontiguousarray(image.transpose(2, 0, 1))
         if not synthetic and self.paste_source is not None and len(self.paste_source):
             key = sample_key if sample_key is not None else derive_key(self.seed, TAG_PASTE, int(d.get("image_id", 0)))
-            annos, sources = self._paste(chw.transpose(1, 2, 0), annos, key)
+            # paste into packed (H, W, C) pixels, copied when PIL-based resizing left them read-only (or a flip left a
+            # view): OpenCV then blends all channels in one pass, ~5x faster than plane by plane into the model's
+            # (C, H, W) copy, which costs less than that one copy of the image
+            if not (image.flags.writeable and image.flags.c_contiguous):
+                image = np.array(image, order="C")
+            annos, sources = self._paste(image, annos, key)
+        chw = np.ascontiguousarray(image.transpose(2, 0, 1))
 
         instances = utils.annotations_to_instances(annos, image_shape, mask_format=self.instance_mask_format)
         if self.recompute_boxes and instances.has("gt_masks"):

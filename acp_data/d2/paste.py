@@ -100,7 +100,7 @@ def polygons_to_local(polygons: list, x0: int, y0: int, w: int, h: int) -> np.nd
     if not shifted:
         return np.zeros((h, w), dtype=bool)
     rles = mask_utils.frPyObjects(shifted, h, w)
-    return mask_utils.decode(mask_utils.merge(rles)).astype(bool, order="C")  # C order: OpenCV reads it in place
+    return mask_utils.decode(rles[0] if len(rles) == 1 else mask_utils.merge(rles)).astype(bool)  # Fortran order
 
 
 def _tight_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
@@ -110,7 +110,12 @@ def _tight_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
 
     if mask.dtype in (np.bool_, np.uint8, np.int8) and mask.size:
         m = mask.view(np.uint8)
-        x, y, w, h = cv2.boundingRect(m if _cv_layout(m) else np.ascontiguousarray(m))
+        if _cv_layout(m):
+            x, y, w, h = cv2.boundingRect(m)
+        elif _cv_layout(m.T):  # Fortran order (pycocotools' decode): the transpose, axes swapped back
+            y, x, h, w = cv2.boundingRect(m.T)
+        else:
+            x, y, w, h = cv2.boundingRect(np.ascontiguousarray(m))
         return (x, y, x + w, y + h) if w else None
     rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
     if not rows.size:
