@@ -39,29 +39,52 @@ def make_tiny_open_clip(dirpath: str | os.PathLike, seed: int = 0) -> str:
     return save_open_clip_local_dir(model, TINY_OPEN_CLIP_CFG, dirpath, overwrite=True)
 
 
-def _byte_tokenizer(extra: list[str]) -> Any:
-    """A byte-level BPE tokenizer without merges: ``extra`` tokens first (ids 0..), then the 256 byte symbols and the
-    chat specials."""
+def byte_bpe(extra: list[str], specials: list[str]) -> Any:
+    """A byte-level BPE ``tokenizers.Tokenizer`` without merges: ``extra`` tokens first (ids 0..), then the 256 byte
+    symbols, then ``specials``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
-    byte_enc = pre_tokenizers.ByteLevel.alphabet()
     vocab: dict[str, int] = {}
     for t in extra:  # stored in byte-level form so the ByteLevel decoder gives back ``t``
         vocab["".join(_BYTES[b] for b in t.encode("utf-8"))] = len(vocab)
-    for c in sorted(byte_enc):
+    for c in sorted(pre_tokenizers.ByteLevel.alphabet()):
         vocab.setdefault(c, len(vocab))
-    specials = ["<|pad|>", "<|begin|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
     for s in specials:
         vocab[s] = len(vocab)
     core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     core.decoder = decoders.ByteLevel()
     core.add_special_tokens(specials)
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<|pad|>", bos_token="<|begin|>",
-                                  eos_token="<|end|>")
-    tok.chat_template = CHAT_TEMPLATE
+    return core
+
+
+def byte_tokenizer(extra: list[str], chat_template: str = CHAT_TEMPLATE) -> Any:
+    """``byte_bpe`` with the chat specials, as a ``PreTrainedTokenizerFast`` carrying ``chat_template``."""
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|pad|>", "<|begin|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
+    tok = PreTrainedTokenizerFast(tokenizer_object=byte_bpe(extra, specials), pad_token="<|pad|>",
+                                  bos_token="<|begin|>", eos_token="<|end|>")
+    tok.chat_template = chat_template
     return tok
+
+
+def save_random_init(model_cls: Any, cfg: Any, dirpath: str | os.PathLike, seed: int, answer: str | None,
+                     *companions: Any) -> str:
+    """Build ``model_cls(cfg)`` from ``seed`` (without disturbing the caller's RNG), zero its output head when it must
+    repeat ``answer``, and save it with ``companions`` (tokenizer, processor) in ``dirpath``."""
+    import torch
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = model_cls(cfg)
+    if answer:
+        with torch.no_grad():
+            model.lm_head.weight.zero_()
+    model.save_pretrained(dirpath)
+    for c in companions:
+        c.save_pretrained(dirpath)
+    return str(dirpath)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -84,23 +107,14 @@ def make_tiny_judge_llm(dirpath: str | os.PathLike, answer: str | None = '{"scor
     """A 2-layer, 32-d Llama chat model with a byte-level tokenizer and chat template, saved with
     ``save_pretrained``. With ``answer``, that string is token 0 and the output head is zeroed, so greedy decoding
     emits it over and over (a judge with a known answer); with None the weights stay random."""
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = _byte_tokenizer([answer] if answer else [])
+    tok = byte_tokenizer([answer] if answer else [])
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=4096,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                       tie_word_embeddings=False)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(cfg)
-    if answer:
-        with torch.no_grad():
-            model.lm_head.weight.zero_()
-    model.save_pretrained(dirpath)
-    tok.save_pretrained(dirpath)
-    return str(dirpath)
+    return save_random_init(LlamaForCausalLM, cfg, dirpath, seed, answer, tok)
 
 
 QWEN_CHAT_TEMPLATE = (
@@ -117,8 +131,6 @@ def make_tiny_qwen2_vl(dirpath: str | os.PathLike, answer: str | None = "a red o
     vision tokens, a small image processor (at most 112 x 112 px) and a chat template, saved with
     ``save_pretrained``: loads through ``AutoProcessor`` + ``AutoModelForImageTextToText``. With ``answer`` the
     output head is zeroed so greedy decoding repeats the token that decodes to ``answer``."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import (
         PreTrainedTokenizerFast,
         Qwen2VLConfig,
@@ -128,20 +140,11 @@ def make_tiny_qwen2_vl(dirpath: str | os.PathLike, answer: str | None = "a red o
         Qwen2VLVideoProcessor,
     )
 
-    vocab: dict[str, int] = {}
-    if answer:
-        vocab["".join(_BYTES[b] for b in answer.encode("utf-8"))] = 0
-    for c in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab.setdefault(c, len(vocab))
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                 "<|image_pad|>", "<|video_pad|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
                 "<|box_end|>"]
-    for s in specials:
-        vocab[s] = len(vocab)
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    core.decoder = decoders.ByteLevel()
-    core.add_special_tokens(specials)
+    core = byte_bpe([answer] if answer else [], specials)
+    vocab = core.get_vocab()
     tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<|endoftext|>", eos_token="<|im_end|>",
                                   extra_special_tokens={"image_token": "<|image_pad|>",
                                                         "video_token": "<|video_pad|>"})
@@ -160,15 +163,7 @@ def make_tiny_qwen2_vl(dirpath: str | os.PathLike, answer: str | None = "a red o
         vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"],
         tie_word_embeddings=False,
     )
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = Qwen2VLForConditionalGeneration(cfg)
-    if answer:
-        with torch.no_grad():
-            model.lm_head.weight.zero_()
-    model.save_pretrained(dirpath)
-    proc.save_pretrained(dirpath)
-    return str(dirpath)
+    return save_random_init(Qwen2VLForConditionalGeneration, cfg, dirpath, seed, answer, proc)
 
 
 TINY_OPEN_CLIP_ARCH = "acp-tiny-clip"

@@ -118,34 +118,33 @@ def _scheduler() -> Any:
                          steps_offset=1)
 
 
-def make_tiny_gligen(out_dir: str | os.PathLike, seed: int = 0) -> str:
-    """A random-init ``StableDiffusionGLIGENPipeline`` (gated UNet) saved with ``save_pretrained``; 64 px images."""
+def _tiny_sd_pipeline(pipeline_cls: Any, gated: bool, out_dir: str | os.PathLike, seed: int) -> str:
+    """A random-init Stable Diffusion style pipeline of ``pipeline_cls`` (64 px images) saved with
+    ``save_pretrained``."""
     import torch
-    from diffusers import StableDiffusionGLIGENPipeline
 
     out = Path(out_dir)
     torch.manual_seed(seed)
     tok = make_clip_tokenizer(out / "_tok")
-    pipe = StableDiffusionGLIGENPipeline(
-        vae=_tiny_vae(), text_encoder=_tiny_text_encoder(tok, 32), tokenizer=tok, unet=_tiny_unet(32, gated=True),
+    pipe = pipeline_cls(
+        vae=_tiny_vae(), text_encoder=_tiny_text_encoder(tok, 32), tokenizer=tok, unet=_tiny_unet(32, gated=gated),
         scheduler=_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out)
     return str(out)
+
+
+def make_tiny_gligen(out_dir: str | os.PathLike, seed: int = 0) -> str:
+    """A random-init ``StableDiffusionGLIGENPipeline`` (gated UNet) saved with ``save_pretrained``; 64 px images."""
+    from diffusers import StableDiffusionGLIGENPipeline
+
+    return _tiny_sd_pipeline(StableDiffusionGLIGENPipeline, True, out_dir, seed)
 
 
 def make_tiny_sd(out_dir: str | os.PathLike, seed: int = 0) -> str:
     """A random-init plain ``StableDiffusionPipeline`` (for ``AutoPipelineForImage2Image``: the refiner)."""
-    import torch
     from diffusers import StableDiffusionPipeline
 
-    out = Path(out_dir)
-    torch.manual_seed(seed)
-    tok = make_clip_tokenizer(out / "_tok")
-    pipe = StableDiffusionPipeline(
-        vae=_tiny_vae(), text_encoder=_tiny_text_encoder(tok, 32), tokenizer=tok, unet=_tiny_unet(32, gated=False),
-        scheduler=_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(out)
-    return str(out)
+    return _tiny_sd_pipeline(StableDiffusionPipeline, False, out_dir, seed)
 
 
 def make_tiny_sam(out_dir: str | os.PathLike, seed: int = 0) -> str:
@@ -177,25 +176,14 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}
 def make_tiny_llm(out_dir: str | os.PathLike, seed: int = 0) -> str:
     """A random-init Llama with a hand-built byte-level tokenizer (256 byte tokens + specials) and a chat template."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from tiny_models import byte_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    specials = ["<|pad|>", "<|begin|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {c: i for i, c in enumerate(alphabet)}
-    for s in specials:
-        vocab[s] = len(vocab)
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    core.decoder = decoders.ByteLevel()
-    core.add_special_tokens(specials)
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<|pad|>", bos_token="<|begin|>",
-                                  eos_token="<|end|>")
-    tok.chat_template = CHAT_TEMPLATE
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    tok = byte_tokenizer([], CHAT_TEMPLATE)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16384,
-                      bos_token_id=vocab["<|begin|>"], eos_token_id=vocab["<|end|>"], pad_token_id=vocab["<|pad|>"])
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     LlamaForCausalLM(cfg).save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
     return str(out_dir)
