@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .fsio import load_json_arg
+
 FREQUENCIES = ("r", "c", "f")
 GROUP_NAMES = {"r": "rare", "c": "common", "f": "frequent"}
 _GROUP_ALIASES = {"rare": "r", "r": "r", "common": "c", "c": "c", "frequent": "f", "f": "f"}
@@ -111,14 +113,7 @@ class CategoryTable:
         ``frequency`` and ``image_count`` are taken from the category entries when present; otherwise the image count
         is the number of images with at least one annotation of the category, and the frequency follows it.
         """
-        source = "json"
-        if not isinstance(data, dict):
-            source = str(data)
-            try:
-                with open(data) as f:
-                    data = json.load(f)
-            except (OSError, json.JSONDecodeError) as e:
-                raise CategoryError(f"cannot read categories from {source}: {e}") from e
+        data, source = load_json_arg(data, CategoryError, "categories from")
         if "categories" not in data:
             raise CategoryError(f"{source} has no 'categories' key; is it an LVIS/COCO-format json?")
         image_sets: dict[int, set[int]] = {}

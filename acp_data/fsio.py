@@ -87,3 +87,17 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, **dumps_kwargs: Any) ->
     """JSON with ``indent=1, sort_keys=True`` unless overridden (e.g. ``allow_nan=False``, ``default=str``)."""
     kw: dict[str, Any] = {"indent": 1, "sort_keys": True, **dumps_kwargs}
     atomic_write_text(path, json.dumps(obj, **kw) + "\n")
+
+
+def load_json_arg(data: str | os.PathLike | dict[str, Any], error: type[Exception],
+                  what: str) -> tuple[dict[str, Any], str]:
+    """``data`` (a json path or an already-loaded dict) as a dict, and its source for messages ("json" for a dict). A
+    file that cannot be read or parsed raises ``error`` naming ``what`` and the path."""
+    if isinstance(data, dict):
+        return data, "json"
+    source = str(data)
+    try:
+        with open(data) as f:
+            return json.load(f), source
+    except (OSError, json.JSONDecodeError) as e:
+        raise error(f"cannot read {what} {source!r}: {e}") from e

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from ..categories import Category, CategoryError, CategoryTable, frequency_from_count, normalize_name
+from ..fsio import load_json_arg
 from .buckets import (
     BUCKET_INDEX,
     BUCKETS,
@@ -53,15 +54,7 @@ def build_priors(lvis_json: dict[str, Any] | str | os.PathLike,
     means no cap.
     """
     t0 = time.perf_counter()
-    source = "json"
-    if not isinstance(lvis_json, dict):
-        source = str(lvis_json)
-        try:
-            with open(lvis_json) as f:
-                lvis_json = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise PriorsError(f"cannot read annotations {source!r}: {e}") from e
-    data: dict[str, Any] = lvis_json
+    data, source = load_json_arg(lvis_json, PriorsError, "annotations")
     for key in ("images", "annotations", "categories"):
         if key not in data:
             raise PriorsError(f"{source} has no {key!r} key; is it an LVIS/COCO-format json?")
