@@ -177,3 +177,22 @@ class OpenAIStub:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+class PeakConcurrency:
+    """A responder that holds each request ``hold_s`` seconds and records the most requests it served at once
+    (``peak``); ``answer(req)`` gives the reply text."""
+
+    def __init__(self, answer: Callable[[dict[str, Any]], str], hold_s: float) -> None:
+        self.answer, self.hold_s = answer, hold_s
+        self.now = self.peak = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, req: dict[str, Any], n: int) -> str:
+        with self._lock:
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+        time.sleep(self.hold_s)
+        with self._lock:
+            self.now -= 1
+        return self.answer(req)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import logging
-import threading
 import time
 
 import numpy as np
 import pytest
-from openai_stub import OpenAIStub, Reply
+from openai_stub import OpenAIStub, PeakConcurrency, Reply
 
 from acp_data.http_client import ChatClient, ChatError, image_to_data_url, user_message
 
@@ -71,23 +70,12 @@ def test_timeout_is_retried():
 
 
 def test_concurrency_is_bounded():
-    lock = threading.Lock()
-    state = {"now": 0, "peak": 0}
-
-    def slow(req, n):
-        with lock:
-            state["now"] += 1
-            state["peak"] = max(state["peak"], state["now"])
-        time.sleep(0.05)
-        with lock:
-            state["now"] -= 1
-        return OpenAIStub.text_of(req)
-
+    slow = PeakConcurrency(OpenAIStub.text_of, 0.05)
     with OpenAIStub(slow) as stub:
         client = ChatClient(stub.url, "m", concurrency=3, backoff=0)
         out = client.chat_many([[user_message(str(i))] for i in range(12)])
         assert out == [str(i) for i in range(12)]
-        assert 1 < state["peak"] <= 3
+        assert 1 < slow.peak <= 3
         stub.script(Reply(status=404, body="no"))
         one = ChatClient(stub.url, "m", concurrency=1, backoff=0).chat_many([[user_message("a")], [user_message("b")]])
         assert isinstance(one[0], ChatError) and one[1] == "b"

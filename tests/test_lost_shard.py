@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 from cache_helpers import GENERATION_SETTINGS, make_categories, make_unit, unit_key, write_cache
-from test_prebuild import _shapes_config, _shapes_lvis
+from test_prebuild import _shapes_config, _shapes_lvis, write_inputs
 
 from acp_data.cache.index import list_generations, load_columns, unit_status
 from acp_data.cache.reader import CacheReader
@@ -21,7 +20,6 @@ from acp_data.cache.verify import verify_cache
 from acp_data.cache.writer import CacheWriter
 from acp_data.cli import main as cli
 from acp_data.prebuild import run_prebuild
-from acp_data.priors import Priors
 
 
 def _samples(cache: Path) -> dict[tuple[str, int], bytes]:
@@ -49,12 +47,9 @@ def _break(cache: Path, delete: int, truncate: int, cut_row: int = 4) -> tuple[s
 
 @pytest.fixture(scope="module")
 def shapes_config(tmp_path_factory) -> dict[str, Any]:
-    d = tmp_path_factory.mktemp("lost_shard_inputs")
-    data = _shapes_lvis()
-    (d / "shapes.json").write_text(json.dumps(data))
-    Priors.build(data, seed=0).save(d / "priors.npz")
     # 16 units x 3 candidates, 2 units per shard: the truncated shard has a whole unit and a partly cut one
-    return _shapes_config({"json": str(d / "shapes.json"), "priors": str(d / "priors.npz")}, images_per_category=2)
+    return _shapes_config(write_inputs(tmp_path_factory.mktemp("lost_shard_inputs"), "shapes", _shapes_lvis()),
+                          images_per_category=2)
 
 
 def test_delete_and_truncate_then_verify_repair_and_resume_rebuild_the_cache(tmp_path, shapes_config):

@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import logging
 import re
-import threading
 import time
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from openai_stub import OpenAIStub, Reply
+from openai_stub import OpenAIStub, PeakConcurrency, Reply
 from tiny_models_gen import make_tiny_llm, synthetic_lvis
 
 from acp_data.generate.common import BackendOptionError
@@ -347,17 +346,7 @@ def test_openai_dead_endpoint_costs_a_unit_a_bounded_time(priors: Priors, key_en
 
 
 def test_openai_plan_many_bounded_concurrency(priors: Priors, key_env) -> None:
-    lock = threading.Lock()
-    state = {"now": 0, "max": 0}
-
-    def slow(req: dict, n: int) -> str:
-        with lock:
-            state["now"] += 1
-            state["max"] = max(state["max"], state["now"])
-        time.sleep(0.15)
-        with lock:
-            state["now"] -= 1
-        return _good_answer(req)
+    slow = PeakConcurrency(_good_answer, 0.15)
 
     cats = priors.categories
     units = make_units(cats, cats.select("rare"), priors, 2, seed=0, max_objects=3)[:9]
@@ -368,7 +357,7 @@ def test_openai_plan_many_bounded_concurrency(priors: Priors, key_env) -> None:
         elapsed = time.monotonic() - t0
     assert all(r.scene is not None for r in results)
     assert [r.scene.ids for r in results] == [list(requested_objects(cats, u.combo)) for u in units]
-    assert state["max"] <= 3 and state["max"] >= 2
+    assert 2 <= slow.peak <= 3
     assert elapsed < 9 * 2 * 0.15  # overlapped, not sequential
 
 

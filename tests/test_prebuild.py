@@ -50,13 +50,16 @@ def _shapes_lvis(n_images: int = 150, seed: int = 0) -> dict[str, Any]:
                             "image_count": c.image_count} for c in cats]}
 
 
+def write_inputs(d: Path, name: str, data: dict[str, Any]) -> dict[str, str]:
+    """An LVIS-format json ``NAME.json`` and its priors in ``d``: a prebuild's inputs."""
+    (d / f"{name}.json").write_text(json.dumps(data))
+    Priors.build(data, seed=0).save(d / "priors.npz")
+    return {"json": str(d / f"{name}.json"), "priors": str(d / "priors.npz"), "dir": str(d)}
+
+
 @pytest.fixture(scope="module")
 def shapes_inputs(tmp_path_factory) -> dict[str, str]:
-    d = tmp_path_factory.mktemp("shapes_inputs")
-    data = _shapes_lvis()
-    (d / "shapes.json").write_text(json.dumps(data))
-    Priors.build(data, seed=0).save(d / "priors.npz")
-    return {"json": str(d / "shapes.json"), "priors": str(d / "priors.npz")}
+    return write_inputs(tmp_path_factory.mktemp("shapes_inputs"), "shapes", _shapes_lvis())
 
 
 def _shapes_config(inputs: dict[str, str], **over: Any) -> dict[str, Any]:
@@ -73,11 +76,7 @@ def _shapes_config(inputs: dict[str, str], **over: Any) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def lvis_inputs(tmp_path_factory) -> dict[str, str]:
-    d = tmp_path_factory.mktemp("lvis_inputs")
-    data = synthetic_lvis()
-    (d / "lvis.json").write_text(json.dumps(data))
-    Priors.build(data, seed=0).save(d / "priors.npz")
-    return {"json": str(d / "lvis.json"), "priors": str(d / "priors.npz"), "dir": str(d)}
+    return write_inputs(tmp_path_factory.mktemp("lvis_inputs"), "lvis", synthetic_lvis())
 
 
 @pytest.fixture(scope="module")
