@@ -122,6 +122,11 @@ def _fail(key: str, value: Any, why: str) -> None:
     raise ConfigError(f"config key {key} = {value!r}: {why}")
 
 
+def _one_of(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        _fail(key, value, f"must be one of {', '.join(choices)}")
+
+
 def _in_range(key: str, value: Any, lo: float, hi: float) -> None:
     try:
         v = float(value)
@@ -142,32 +147,23 @@ def validate_acp_config(cfg: CN) -> None:
             _fail("ACP.REGISTER_LVIS", name[0], "dataset names containing 'v1', 'v0.5' or 'cocofied' are taken over "
                   "by detectron2's built-in LVIS metadata; choose another name")
     mask_format = getattr(cfg.INPUT, "MASK_FORMAT", "polygon")
-    if mask_format not in MASK_FORMATS:
-        _fail("INPUT.MASK_FORMAT", mask_format, f"must be one of {', '.join(MASK_FORMATS)}")
+    _one_of("INPUT.MASK_FORMAT", mask_format, MASK_FORMATS)
     backend = a.get("EVAL_BACKEND", "hotcoco")
-    if backend not in EVAL_BACKENDS:
-        _fail("ACP.EVAL_BACKEND", backend, f"must be one of {', '.join(EVAL_BACKENDS)}")
+    _one_of("ACP.EVAL_BACKEND", backend, EVAL_BACKENDS)
     if not a.ENABLED:
         return
     if cfg.SEED is None or int(cfg.SEED) < 0:
         _fail("SEED", cfg.SEED, "ACP derives every sampling choice from (SEED, sample index); set a fixed SEED >= 0 "
               "(-1 would give a different stream per run)")
-    if a.MIX_MODE not in MIX_MODES:
-        _fail("ACP.MIX_MODE", a.MIX_MODE, f"must be one of {', '.join(MIX_MODES)}")
-    if a.SELECT not in SELECTORS:
-        _fail("ACP.SELECT", a.SELECT, f"must be one of {', '.join(SELECTORS)}")
-    if a.MIN_CLIS_I_RULE not in MIN_CLIS_I_RULES:
-        _fail("ACP.MIN_CLIS_I_RULE", a.MIN_CLIS_I_RULE, f"must be one of {', '.join(MIN_CLIS_I_RULES)}")
+    _one_of("ACP.MIX_MODE", a.MIX_MODE, MIX_MODES)
+    _one_of("ACP.SELECT", a.SELECT, SELECTORS)
+    _one_of("ACP.MIN_CLIS_I_RULE", a.MIN_CLIS_I_RULE, MIN_CLIS_I_RULES)
     _in_range("ACP.MIN_CLIS_I_QUANTILE", a.MIN_CLIS_I_QUANTILE, 0.0, 1.0)
-    if a.CATEGORIES_APPLY_TO not in CATEGORIES_APPLY_TO:
-        _fail("ACP.CATEGORIES_APPLY_TO", a.CATEGORIES_APPLY_TO, f"must be one of {', '.join(CATEGORIES_APPLY_TO)}")
-    if a.BOX not in BOX_MODES:
-        _fail("ACP.BOX", a.BOX, f"must be one of {', '.join(BOX_MODES)}")
-    if a.SYNTH_SAMPLING not in SAMPLING_POLICIES:
-        _fail("ACP.SYNTH_SAMPLING", a.SYNTH_SAMPLING, f"must be one of {', '.join(SAMPLING_POLICIES)}")
+    _one_of("ACP.CATEGORIES_APPLY_TO", a.CATEGORIES_APPLY_TO, CATEGORIES_APPLY_TO)
+    _one_of("ACP.BOX", a.BOX, BOX_MODES)
+    _one_of("ACP.SYNTH_SAMPLING", a.SYNTH_SAMPLING, SAMPLING_POLICIES)
     _in_range("ACP.SYNTH_RATIO", a.SYNTH_RATIO, 0.0, 1.0)
-    if a.BATCH_COMPOSITION not in BATCH_COMPOSITIONS:
-        _fail("ACP.BATCH_COMPOSITION", a.BATCH_COMPOSITION, f"must be one of {', '.join(BATCH_COMPOSITIONS)}")
+    _one_of("ACP.BATCH_COMPOSITION", a.BATCH_COMPOSITION, BATCH_COMPOSITIONS)
     if a.BATCH_COMPOSITION == "exact" and a.MIX_MODE == "concat":
         _fail("ACP.BATCH_COMPOSITION", a.BATCH_COMPOSITION, "is refused with ACP.MIX_MODE = 'concat' (repeat-factor "
               "sampling over the union of real and synthetic images has no per-batch ratio); use MIX_MODE 'ratio' "
@@ -204,8 +200,7 @@ def validate_acp_config(cfg: CN) -> None:
 
 def _check_dropped_instances(cfg: CN) -> None:
     a = cfg.ACP
-    if a.DROPPED_INSTANCES not in DROPPED_POLICIES:
-        _fail("ACP.DROPPED_INSTANCES", a.DROPPED_INSTANCES, f"must be one of {', '.join(DROPPED_POLICIES)}")
+    _one_of("ACP.DROPPED_INSTANCES", a.DROPPED_INSTANCES, DROPPED_POLICIES)
     try:
         ioa = float(a.IGNORE_IOA)
     except (TypeError, ValueError):
