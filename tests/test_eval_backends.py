@@ -147,10 +147,12 @@ def test_segm_from_any_results_spelling_equals_lvis_api(tmp_path):
     for name, (text, direct) in _spellings(dets).items():
         path = tmp_path / f"{name.replace(' ', '_')}.json"
         path.write_text(text)
-        _, _, counts = eb._scan_keys(str(path), ["score"], chunk=4096, rle=True)
-        assert (counts is not None) == direct, name
-        if direct:  # every detection's counts, across chunk boundaries, unescaped
-            assert [c.decode() for c in counts] == [d["segmentation"]["counts"] for d in dets], name
+        for chunk in (7, 100, 4096, 1 << 24):  # block boundaries anywhere, also inside keys and strings
+            keys, _, counts = eb._scan_keys(str(path), ["score", "counts"], chunk=chunk, rle=True)
+            assert keys == {"score": len(dets), "counts": len(dets)}, (name, chunk)
+            assert (counts is not None) == direct, (name, chunk)
+            if direct:  # every detection's counts, in order, unescaped
+                assert [c.decode() for c in counts] == [d["segmentation"]["counts"] for d in dets], (name, chunk)
         assert_same(ref, _stats(gt, str(path), "hotcoco"))
 
 

@@ -282,45 +282,76 @@ _ANY_SIZE = [46340, 46340]
 
 
 def _scan_keys(path: str, keys: Sequence[str], chunk: int = 1 << 24,
-               rle: bool = False) -> tuple[dict[str, int], bool, list[bytes | str] | None]:
+               rle: bool = False) -> tuple[dict[str, int], bool, list[bytes] | None]:
     """How often each ``"key"`` occurs in the file, and whether it starts with ``[`` (read in chunks: a results
-    file can be gigabytes). With ``rle``, also every ``"counts"`` string in file order (JSON escapes decoded), or
-    ``None`` where some ``"counts"`` is not a string."""
+    file can be gigabytes; no chunk is copied). With ``rle``, also every ``"counts"`` string in file order (JSON
+    escapes decoded), or ``None`` where some ``"counts"`` is not such a string."""
     pats = {k: b'"%s"' % k.encode() for k in keys}
     counts = dict.fromkeys(keys, 0)
     tails = dict.fromkeys(keys, b"")
     first = b""
-    strings: list[bytes | str] | None = [] if rle else None
-    carry, n_keys = b"", 0
+    rle_keys = _RleKeys() if rle else None
     with open(path, "rb") as f:
         while True:
             block = f.read(chunk)
             if block and not first.strip():
                 first = (first + block[:64]).lstrip()
             for k, pat in pats.items():
-                buf = tails[k] + block
-                counts[k] += buf.count(pat)
-                tails[k] = buf[-(len(pat) - 1):]
-            if strings is not None:
-                buf = carry + block
-                # cut before the last "counts" key (or keep what could be the start of one) unless the file ended
-                cut = len(buf) if not block else buf.rfind(b'"counts"')
-                if block and cut <= 0:
-                    cut = max(0, len(buf) - 7)
-                part, carry = buf[:cut], buf[cut:]
-                n_keys += part.count(b'"counts"')
-                # backslash, an RLE character, is written "\\\\" in JSON (any other escape: not RLE, no strings);
-                # the counts hold no quote, so the regex still finds their ends once the pairs are undone
-                n_bs = part.count(b"\\")
-                if n_bs and n_bs != 2 * part.count(b"\\\\"):
-                    strings = None
-                else:
-                    strings += _RLE_COUNTS.findall(part.replace(b"\\\\", b"\\") if n_bs else part)
+                m = len(pat) - 1  # a key split between two blocks lies in the last m bytes and the first m
+                counts[k] += block.count(pat) + (tails[k] + block[:m]).count(pat)
+                tails[k] = (tails[k] + block[-m:])[-m:]
+            if rle_keys is not None:
+                rle_keys.feed(block)
             if not block:
                 break
-    if strings is not None and len(strings) != n_keys:
-        strings = None
-    return counts, first[:1] == b"[", strings
+    return counts, first[:1] == b"[", rle_keys.strings() if rle_keys is not None else None
+
+
+class _RleKeys:
+    """Every ``"counts": "..."`` string of a json text fed in blocks, without copying the blocks: each block from its
+    first ``"counts"`` key to its last goes to the regex in place; the few bytes around a block boundary are joined."""
+
+    KEY = b'"counts"'
+
+    def __init__(self) -> None:
+        self.found: list[bytes] = []
+        self.carry = b""
+        self.n_keys = 0
+        self.ok = True
+
+    def _scan(self, buf: bytes, lo: int = 0, hi: int | None = None) -> None:
+        hi = len(buf) if hi is None else hi
+        self.n_keys += buf.count(self.KEY, lo, hi)
+        # backslash, an RLE character, is written "\\\\" in JSON; any other escape means these are not plain RLEs
+        n_bs = buf.count(b"\\", lo, hi)
+        if n_bs and n_bs != 2 * buf.count(b"\\\\", lo, hi):
+            self.ok = False
+        self.found += _RLE_COUNTS.findall(buf, lo, hi)
+
+    def feed(self, block: bytes) -> None:
+        if not self.ok:
+            return
+        if not block:  # end of file
+            self._scan(self.carry)
+            self.carry = b""
+            return
+        j = block.find(self.KEY, len(self.KEY))  # the first key wholly inside the block, past any split one
+        if j < 0:  # no key starts here: hold the block (a key's string may go on), or scan all but a split key
+            if len(self.carry) + len(block) <= 1 << 20:
+                self.carry += block
+            else:
+                self._scan(self.carry + block[:-7])
+                self.carry = block[-7:]
+            return
+        self._scan(self.carry + block[:j])
+        cut = block.rfind(self.KEY)
+        self._scan(block, j, cut)
+        self.carry = block[cut:]
+
+    def strings(self) -> list[bytes] | None:
+        if not self.ok or len(self.found) != self.n_keys:
+            return None
+        return [c.replace(b"\\\\", b"\\") if b"\\" in c else c for c in self.found]
 
 
 class HotcocoResults:
