@@ -81,9 +81,9 @@ def _ignore_ioa(cfg: Any) -> float:
     return float(cfg.ACP.IGNORE_IOA) if "ACP" in cfg else DEFAULT_IGNORE_IOA
 
 
-@PROPOSAL_GENERATOR_REGISTRY.register()
-class IgnoreRPN(RPN):
-    """detectron2's ``RPN``; anchors that would be negatives inside an image's ignore boxes are labelled -1."""
+class _IgnoreIoA:
+    """The ``ignore_ioa`` option (config ``ACP.IGNORE_IOA``) shared by the ignore-aware RPN and ROI heads; put it
+    first among the bases so its ``__init__``/``from_config`` wrap the detectron2 module's."""
 
     @configurable
     def __init__(self, *, ignore_ioa: float = DEFAULT_IGNORE_IOA, **kwargs: Any):
@@ -95,6 +95,11 @@ class IgnoreRPN(RPN):
         ret = super().from_config(cfg, input_shape)
         ret["ignore_ioa"] = _ignore_ioa(cfg)
         return ret
+
+
+@PROPOSAL_GENERATOR_REGISTRY.register()
+class IgnoreRPN(_IgnoreIoA, RPN):
+    """detectron2's ``RPN``; anchors that would be negatives inside an image's ignore boxes are labelled -1."""
 
     @torch.jit.unused
     @torch.no_grad()
@@ -125,20 +130,9 @@ class IgnoreRPN(RPN):
 
 
 @ROI_HEADS_REGISTRY.register()
-class IgnoreStandardROIHeads(StandardROIHeads):
+class IgnoreStandardROIHeads(_IgnoreIoA, StandardROIHeads):
     """detectron2's ``StandardROIHeads``; proposals that would be background inside an image's ignore boxes are
     never sampled (no box, class or mask loss)."""
-
-    @configurable
-    def __init__(self, *, ignore_ioa: float = DEFAULT_IGNORE_IOA, **kwargs: Any):
-        super().__init__(**kwargs)
-        self.ignore_ioa = float(ignore_ioa)
-
-    @classmethod
-    def from_config(cls, cfg: Any, input_shape: dict[str, ShapeSpec]) -> dict[str, Any]:
-        ret = super().from_config(cfg, input_shape)
-        ret["ignore_ioa"] = _ignore_ioa(cfg)
-        return ret
 
     def _sample_proposals_ignoring(self, matched_idxs: torch.Tensor, matched_labels: torch.Tensor,
                                    gt_classes: torch.Tensor, ignored: torch.Tensor | None
