@@ -1,8 +1,8 @@
 """Compare training runs: ``acp-data report RUN_DIR... --out DIR``.
 
-Each run directory holds ``metrics.json`` (the evaluation contract of design.md, with the ``eval_backend`` that
-computed it) and the ``config.yaml`` detectron2 writes. Runs whose configs differ only by ``SEED`` / ``OUTPUT_DIR`` form one group and are reported as mean +- std
-(sample std, n-1). Outputs: ``report.md``, ``report.csv`` (one row per run), ``groups.csv`` and PNG plots:
+Each run directory holds ``metrics.json`` (docs/design.md "Evaluation (contract)", with the ``eval_backend`` that
+computed it) and the ``config.yaml`` detectron2 writes. Runs whose configs differ only by ``SEED`` / ``OUTPUT_DIR``
+form one group and are reported as mean +- std (sample std, n-1). Outputs: ``report.md``, ``report.csv`` (one row per run), ``groups.csv`` and PNG plots:
 per-group AP (APr/APc/APf) per run group, and APr against the synthetic ratio or image count when groups sweep it.
 
 A run whose training did not finish (``train_status.json`` ``running`` or ``failed``, or a ``metrics.json`` of an

@@ -146,7 +146,7 @@ def write_metrics(
     eval_backend: str | None = None,
     synthetic_set: str | None = None,
 ) -> str:
-    """Write design.md's ``metrics.json`` into ``output_dir`` (atomically) and return its path.
+    """Write ``metrics.json`` (docs/design.md "Evaluation (contract)") into ``output_dir`` atomically; return its path.
 
     Keys ``bbox`` and ``segm`` (``null`` for a task not evaluated), ``dataset``, ``iter`` (training iterations done,
     ``null`` if unknown), ``config_sha``, and ``eval_backend`` (the backend that computed the numbers) and
