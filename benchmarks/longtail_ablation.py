@@ -184,6 +184,16 @@ def _yaml_value(v: Any) -> str:
     return json.dumps(v)
 
 
+def _core_groups(cache: str, seeds: Sequence[int]) -> list[RunSpec]:
+    """baseline, unfiltered (one random candidate, capped at filtered's image count) and filtered over ``cache``."""
+    return [
+        RunSpec("baseline", str(CONFIG_DIR / "baseline.yaml"), {}, seeds),
+        RunSpec("unfiltered", str(CONFIG_DIR / "acp_unfiltered.yaml"),
+                {"ACP.CACHE_DIRS": cache, "ACP.MAX_IMAGES": f"{MATCH_PREFIX}filtered"}, seeds),
+        RunSpec("filtered", str(CONFIG_DIR / "acp.yaml"), {"ACP.CACHE_DIRS": cache}, seeds),
+    ]
+
+
 def shapes_grid(paths: DemoPaths, clip_cache: Path, full: bool = False) -> list[RunSpec]:
     """The default Shapes ablation (module docstring): 12 runs; ``full``: 3 seeds everywhere and both instance
     threshold groups (24 runs)."""
@@ -191,10 +201,7 @@ def shapes_grid(paths: DemoPaths, clip_cache: Path, full: bool = False) -> list[
     cache = json.dumps([str(paths.cache)])
     match = f"{MATCH_PREFIX}filtered"
     specs = [
-        RunSpec("baseline", str(CONFIG_DIR / "baseline.yaml"), {}, seeds),
-        RunSpec("unfiltered", str(CONFIG_DIR / "acp_unfiltered.yaml"),
-                {"ACP.CACHE_DIRS": cache, "ACP.MAX_IMAGES": match}, seeds),
-        RunSpec("filtered", str(CONFIG_DIR / "acp.yaml"), {"ACP.CACHE_DIRS": cache}, seeds),
+        *_core_groups(cache, seeds),
         RunSpec("clip_only", str(CONFIG_DIR / "acp.yaml"),
                 {"ACP.CACHE_DIRS": json.dumps([str(clip_cache)]), "ACP.MIN_CLIS_I": "0.0", "ACP.MAX_IMAGES": match},
                 seeds),
@@ -219,10 +226,7 @@ def final_grid(paths: DemoPaths, in_domain_cache: Path, filtered_policy: str) ->
     cache = json.dumps([str(paths.cache)])
     match = f"{MATCH_PREFIX}filtered"
     specs = [
-        RunSpec("baseline", str(CONFIG_DIR / "baseline.yaml"), {}, seeds),
-        RunSpec("unfiltered", str(CONFIG_DIR / "acp_unfiltered.yaml"),
-                {"ACP.CACHE_DIRS": cache, "ACP.MAX_IMAGES": match}, seeds),
-        RunSpec("filtered", str(CONFIG_DIR / "acp.yaml"), {"ACP.CACHE_DIRS": cache}, seeds),
+        *_core_groups(cache, seeds),
         RunSpec("oracle", str(CONFIG_DIR / "oracle.yaml"), {"ACP.CACHE_DIRS": cache, "ACP.MAX_IMAGES": match}, seeds),
     ]
     for policy in DROPPED_POLICIES:
