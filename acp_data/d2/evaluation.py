@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import os
-import sys
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -332,15 +331,14 @@ def cli_main(argv: list[str]) -> int:
     p.add_argument("--per-category", action="store_true", help="also print the AP of every category")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from ..cli import UsageError, check_output_path
+    from ..cli import UsageError, check_output_path, fail
 
     try:
         check_output_path(args.out, "dir", "--out")  # before the evaluation, not after it
         ev = evaluate_lvis(args.gt, args.dt, tasks=args.tasks, max_dets=args.max_dets, backend=args.backend,
                            allow_empty=False)
     except (EvaluationError, UsageError) as e:
-        print(f"acp-data eval: error: {e}", file=sys.stderr)
-        return 2
+        return fail("acp-data eval", e)
     for task, m in ev.results.items():
         print(format_metrics_table(task, m) + "\n")
         if args.per_category:

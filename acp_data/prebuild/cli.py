@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..cli import fail
 from .config import PrebuildError, apply_overrides, load_config
 from .prepare import prepare
 from .runner import run_prebuild
@@ -69,8 +70,7 @@ def cli_main(argv: list[str]) -> int:
         summary = run_prebuild(config, args.out, rank, world, args.max_units, device=args.device,
                                threads=args.threads, keep=args.keep, progress=not args.no_progress)
     except (PrebuildError, ShardError) as e:
-        print(f"acp-data prebuild: error: {e}", file=sys.stderr)
-        return 2
+        return fail("acp-data prebuild", e)
     print(format_summary(summary))
     empty = nothing_stored(summary, args.out)
     if empty:

@@ -11,6 +11,7 @@ import sys
 import numpy as np
 
 from ..categories import CategoryError
+from ..cli import fail
 from .buckets import BUCKETS, PriorsError
 from .build import RELATIONS_FORMAT, build_priors
 from .container import Priors
@@ -55,6 +56,5 @@ def cli_main(argv: list[str]) -> int:
                 for bk in range(len(BUCKETS))}
             print(json.dumps(summary, indent=2, sort_keys=True))
     except (PriorsError, CategoryError) as e:
-        print(f"acp-data priors: error: {e}", file=sys.stderr)
-        return 2
+        return fail("acp-data priors", e)
     return 0

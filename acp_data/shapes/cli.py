@@ -12,8 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from collections.abc import Callable
+
+from ..cli import fail
 
 logger = logging.getLogger(__name__)
 
@@ -98,5 +99,4 @@ def cli_main(argv: list[str]) -> int:
     try:
         return int(args.func(args) or 0)
     except (FileExistsError, FileNotFoundError, NotADirectoryError, ValueError) as e:
-        print(f"acp-data shapes {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return fail(f"acp-data shapes {args.command}", e)
