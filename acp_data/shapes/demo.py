@@ -183,6 +183,18 @@ def train_args(run: str, paths: DemoPaths, iters: int | None, seed: int, workers
     return args + list(opts)
 
 
+def resolved_config_hash(targs: Sequence[str]) -> str:
+    """Hash of the config ``tools/train_net.py`` would train with from ``train_args``' arguments (``--config-file``
+    then ``KEY VALUE`` overrides), so a run is reused only while its config file and its bases are unchanged."""
+    from ..d2.config import load_cfg
+
+    i = list(targs).index("--config-file")
+    opts = [a for j, a in enumerate(targs) if j not in (i, i + 1)]
+    cfg = load_cfg(targs[i + 1], opts)
+    cfg.OUTPUT_DIR = ""  # where the run writes is part of the command already
+    return hashlib.sha256(cfg.dump().encode()).hexdigest()
+
+
 # ----- the table --------------------------------------------------------------------------------------------------------
 def _cell(v: Any, signed: bool = False) -> str:
     if v is None:
@@ -306,6 +318,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
 
     def make_job(run: str, inputs: dict[str, Any]) -> TrainJob:
         targs = train_args(run, paths, args.iters, args.seed, args.workers, args.opts)
+        # the config as train_net resolves it (file, _BASE_ chain, overrides): an edited acp.yaml retrains its run
+        inputs = {**inputs, "config": resolved_config_hash(targs)}
         job = TrainJob(run, targs, paths.runs / run, inputs, iters)
         if not args.retrain and job.done_before():
             job.reused, job.phase = True, "reused"
