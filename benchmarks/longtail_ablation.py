@@ -36,7 +36,7 @@ The default Shapes grid (inputs built or reused under ``--shapes-dir`` as by ``p
 |---|---|---|
 | baseline | shapes/baseline.yaml | real images only |
 | unfiltered | shapes/acp_unfiltered.yaml, ``ACP.MAX_IMAGES @match:filtered`` | random candidate per unit, no thresholds |
-| filtered | shapes/acp.yaml | CLIS: best of 4 by CLIS-I, instances >= 20 (the paper's 60 on the Shapes judge's scale: benchmarks/judge_calibration.py) |
+| filtered | shapes/acp.yaml | CLIS: best of 4 by CLIS-I, instances >= 10 (chosen on world seed 0 against the generator's truth: benchmarks/selection_rules.py), dropped instances ignored |
 | clip_only | shapes/acp.yaml on a rescored copy of the cache, ``MIN_CLIS_I 0``, ``MAX_IMAGES @match:filtered`` | best of 4 by the judge's whole-image caption score alone (``global_weight 1``, ``instance_weight 0``): no instance filter, no CLIS-L |
 | filtered_minT | shapes/acp.yaml, ``ACP.MIN_CLIS_I T`` (60, one seed; ``full``: 0 and 60) | the same selected candidates as filtered with another instance threshold (60: the paper's number taken literally): what dropping instances (the objects stay in the image, unlabelled) costs or buys |
 | ratio_R | shapes/acp.yaml, ``ACP.MIX_MODE ratio``, ``ACP.SYNTH_RATIO R`` (0.1, 0.25, 0.5; one seed, ``full``: 3) | synthetic share of the stream |

@@ -181,8 +181,8 @@ def test_final_grid_on_a_held_out_world(tmp_path, capsys, monkeypatch):
     lines = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("[ablation]")]
     planned = [x[1] for x in lines]
     three = [f"{g}_seed{s}" for g in ("baseline", "unfiltered", "filtered", "oracle") for s in (1, 2, 3)]
-    # acp.yaml's policy is background: the other two policies and the in_domain judge get one seed each
-    assert planned == three + ["filtered_ignore_seed1", "filtered_erase_seed1", "filtered_in_domain_seed1"]
+    # acp.yaml's policy is ignore: the other two policies and the in_domain judge get one seed each
+    assert planned == three + ["filtered_background_seed1", "filtered_erase_seed1", "filtered_in_domain_seed1"]
     by_name = {x[1]: x for x in lines}
     world = tmp_path / "output/ablation/world3"
     cache = json.dumps([str(world / "cache")])
