@@ -140,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", default="output/demo/cache", help="a cache built by configs/shapes/prebuild.yaml "
                                                                   "with keep: all")
     p.add_argument("--thresholds", default="0,10,20,30,40,50,60", help="comma-separated CLIS-I thresholds")
-    p.add_argument("--threshold", type=float, default=20.0,
-                   help="the instance threshold of the per-category table (default 20, configs/shapes/acp.yaml)")
+    p.add_argument("--threshold", type=float, default=10.0,
+                   help="the instance threshold of the per-category table (default 10, configs/shapes/acp.yaml)")
     p.add_argument("--judge", action="append", default=[], metavar="NAME=SPEC",
                    help="also score every candidate with this clip model (e.g. in_domain=local-dir:DIR; repeatable)")
     args = p.parse_args(argv)

@@ -93,6 +93,17 @@ def test_select_oracle_takes_the_fewest_failures_and_drops_the_failed(tmp_path):
         assert got[0] == 2
         picks.add(got[1])
     assert picks == {0, 2}
+    # the selection report names the oracle's drops as its own rule
+    from acp_data.cache.select_report import selection_report
+
+    rules = {r["key"]: r for r in selection_report(res, cats)["rules"]}
+    assert rules["dropped_oracle"]["count"] == 1 and "oracle" in rules["dropped_oracle"]["rule"]
+    # and `acp-data inspect` says why that instance is gone
+    from acp_data.cache.inspect import _Reasons
+
+    why = _Reasons.compute(reader, Selection(select="oracle", min_clis_i=0.0))
+    row = int(res.sample_row[k1])
+    assert sorted(why.instance(row, j) for j in range(2)) == ["", "drawn wrong (generator truth)"]
 
 
 def test_select_oracle_errors_on_a_cache_without_truth(tmp_path):

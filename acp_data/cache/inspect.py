@@ -226,8 +226,12 @@ class _Reasons:
             return f"with its image: {self.sample(row)}"
         code = self.drop_reason.get(g)
         v, thr = self.inst_clis[g], self.threshold(int(self.inst_cat[g]))
-        if code == 1 or (code is None and (v >= thr or (np.isnan(v) and thr <= 0))):
+        from .selection import DROP_CATEGORY, DROP_ORACLE
+
+        if code == DROP_CATEGORY or (code is None and (v >= thr or (np.isnan(v) and thr <= 0))):
             return "category not selected"
+        if code == DROP_ORACLE:  # SELECT oracle (Shapes): the generator drew this object wrong
+            return "drawn wrong (generator truth)"
         return f"CLIS-I {_fmt(None if np.isnan(v) else v)} below {thr:g}"
 
 

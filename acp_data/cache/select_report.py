@@ -31,6 +31,7 @@ RULES = (
     ("after_min_clis_l", "ACP.MIN_CLIS_L", "samples kept"),
     ("dropped_target_samples", "ACP.CATEGORIES (samples, by the unit's target)", "samples removed"),
     ("dropped_min_clis_i", "ACP.MIN_CLIS_I", "instances dropped from kept samples"),
+    ("dropped_oracle", "ACP.SELECT oracle (the generator's failed objects)", "instances dropped from kept samples"),
     ("dropped_categories", "ACP.CATEGORIES (instances)", "instances dropped from kept samples"),
     ("empty_skipped", "samples left without instances", "samples removed"),
     ("capped", "ACP.MAX_IMAGES", "samples removed"),
