@@ -285,18 +285,24 @@ def write_tables(groups: Sequence[Group], out: Path) -> tuple[Path, Path, Path]:
 
 
 def _sweep_axis(groups: Sequence[Group]) -> tuple[str, list[tuple[float, Group]]] | None:
+    """The sweep to plot: groups that differ only in ``ACP.SYNTH_RATIO`` (ratio mode) or in ``ACP.MAX_IMAGES`` (a
+    cap; 0 means none, so it is no point), with at least two values. Groups that also differ in anything else (a
+    selection rule, a cache) are not points of one curve: a random and a CLIS group with different caps are no sweep."""
     for key in ("ACP.SYNTH_RATIO", "ACP.MAX_IMAGES"):
-        pts = []
+        series: dict[tuple, list[tuple[float, Group]]] = {}
         for g in groups:
             if not g.runs[0].config.get("ACP.ENABLED"):
                 continue
             if key == "ACP.SYNTH_RATIO" and g.runs[0].config.get("ACP.MIX_MODE") != "ratio":
                 continue  # concat mode ignores SYNTH_RATIO: its runs are not points of a ratio sweep
             v = g.varying.get(key)
-            if isinstance(v, (int, float)):
-                pts.append((float(v), g))
-        if len({p[0] for p in pts}) >= 2:
-            return key, sorted(pts, key=lambda p: p[0])
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or (key == "ACP.MAX_IMAGES" and v <= 0):
+                continue
+            rest = tuple(sorted((k, repr(x)) for k, x in g.varying.items() if k != key))
+            series.setdefault(rest, []).append((float(v), g))
+        best = max(series.values(), key=lambda pts: len({p[0] for p in pts}), default=[])
+        if len({p[0] for p in best}) >= 2:
+            return key, sorted(best, key=lambda p: p[0])
     return None
 
 

@@ -90,3 +90,23 @@ def test_eval_backend_shown_and_not_a_group_key(tmp_path: Path) -> None:
     assert [r["eval_backend"] for r in rows] == ["hotcoco", "lvis", "lvis"]
     make_report([a], tmp_path / "one")
     assert "Evaluation backend of all runs: `hotcoco`." in (tmp_path / "one" / "report.md").read_text()
+
+
+def test_groups_differing_in_more_than_the_cap_are_no_sweep(tmp_path: Path) -> None:
+    """The held-out table's groups: random capped at 381 images, CLIS uncapped (0), oracle capped at 383. They differ
+    in the selection rule too, so no APr-against-MAX_IMAGES curve may be drawn through them."""
+    def run(name: str, select: str, cap: int, apr: float) -> Path:
+        d = _run(tmp_path, name, 0, True, apr, mode="concat")
+        cfg = yaml.safe_load((d / "config.yaml").read_text())
+        cfg["ACP"].update(SELECT=select, MAX_IMAGES=cap)
+        (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+        return d
+
+    runs = [_run(tmp_path, "baseline_seed0", 0, False, 1.0), run("unfiltered_seed0", "random", 381, 18.0),
+            run("filtered_seed0", "clis", 0, 19.0), run("oracle_seed0", "oracle", 383, 19.0)]
+    make_report(runs, tmp_path / "one")
+    assert not (tmp_path / "one" / "apr_sweep.png").exists()
+    # the same selection at two caps is a sweep (0, no cap, is no point of it)
+    runs += [run("cap100_seed0", "clis", 100, 12.0), run("cap200_seed0", "clis", 200, 15.0)]
+    make_report(runs, tmp_path / "two")
+    assert (tmp_path / "two" / "apr_sweep.png").is_file()
