@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -13,7 +14,7 @@ from acp_data.report import ReportError, make_report
 
 
 def _run(root: Path, name: str, seed: int, enabled: bool, apr: float, ratio: float = 0.5, fmt: str = "polygon",
-         mode: str = "ratio") -> Path:
+         mode: str = "ratio", **acp: Any) -> Path:
     d = root / name
     d.mkdir(parents=True)
     seg = {"AP": 20.0 + seed, "AP50": 1.0, "AP75": 1.0, "APs": None, "APm": 1.0, "APl": 1.0,
@@ -21,7 +22,7 @@ def _run(root: Path, name: str, seed: int, enabled: bool, apr: float, ratio: flo
     (d / "metrics.json").write_text(json.dumps({"bbox": seg, "segm": seg, "dataset": "x", "iter": 10,
                                                 "config_sha": "abc"}))
     cfg = {"SEED": seed, "OUTPUT_DIR": str(d), "INPUT": {"MASK_FORMAT": fmt},
-           "ACP": {"ENABLED": enabled, "SYNTH_RATIO": ratio, "MIX_MODE": mode}}
+           "ACP": {"ENABLED": enabled, "SYNTH_RATIO": ratio, "MIX_MODE": mode, **acp}}
     (d / "config.yaml").write_text(yaml.safe_dump(cfg))
     return d
 
@@ -96,11 +97,7 @@ def test_groups_differing_in_more_than_the_cap_are_no_sweep(tmp_path: Path) -> N
     """The held-out table's groups: random capped at 381 images, CLIS uncapped (0), oracle capped at 383. They differ
     in the selection rule too, so no APr-against-MAX_IMAGES curve may be drawn through them."""
     def run(name: str, select: str, cap: int, apr: float) -> Path:
-        d = _run(tmp_path, name, 0, True, apr, mode="concat")
-        cfg = yaml.safe_load((d / "config.yaml").read_text())
-        cfg["ACP"].update(SELECT=select, MAX_IMAGES=cap)
-        (d / "config.yaml").write_text(yaml.safe_dump(cfg))
-        return d
+        return _run(tmp_path, name, 0, True, apr, mode="concat", SELECT=select, MAX_IMAGES=cap)
 
     runs = [_run(tmp_path, "baseline_seed0", 0, False, 1.0), run("unfiltered_seed0", "random", 381, 18.0),
             run("filtered_seed0", "clis", 0, 19.0), run("oracle_seed0", "oracle", 383, 19.0)]
